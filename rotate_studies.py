@@ -1,0 +1,1752 @@
+#!/usr/bin/env python3
+"""Move old DICOM studies from a main Orthanc server to a backup Orthanc server.
+
+One run goes through these steps, in this order:
+
+1. Read the configuration: command-line flags, then environment variables,
+   then a ``.env`` file, then defaults. Every invalid value is reported before
+   any request is sent.
+2. Take an exclusive lock so that two runs never overlap, and check that Main
+   and Backup are two different servers.
+3. Plan: page through every study on Main and decide which ones are old. The
+   decision is made here, not by Orthanc's ``/tools/find``, because Orthanc
+   compares dates as strings and its results can be capped.
+4. For each old study, oldest first: compare it with Backup by
+   StudyInstanceUID and SOPInstanceUID, copy what Backup lacks, ask Backup
+   again, and delete from Main exactly the instances that Backup holds.
+5. Append one CSV row per study to the audit log and print a summary.
+
+Nothing is deleted from Main unless Backup, asked after the copy, holds every
+instance of the study. When a step fails, the study stays on Main and the CSV
+row says why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import datetime as dt
+import errno
+import fcntl
+import io
+import ipaddress
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import requests
+from dotenv import dotenv_values
+
+LOG = logging.getLogger("rotate_studies")
+
+CSV_COLUMNS = (
+    "timestamp",
+    "run_id",
+    "study_id",
+    "study_instance_uid",
+    "patient_id",
+    "accession_number",
+    "study_date",
+    "date_source",
+    "age_days",
+    "instances_main",
+    "instances_backup",
+    "size_bytes",
+    "transfer",
+    "status",
+    "duration_s",
+    "message",
+)
+
+# Row statuses, as written in the CSV's ``status`` column.
+MIGRATED = "migrated"  # copied this run, verified, deleted from Main
+DELETED = "deleted"  # Backup already held every instance; deleted from Main
+TRANSFERRED = "transferred"  # copied and verified, kept on Main
+INCOMPLETE = "incomplete"  # Backup still lacks instances; kept on Main
+FAILED = "failed"  # an error stopped the study; kept on Main
+SKIPPED = "skipped"  # held back for a reason given in the message
+DRY_RUN = "dry_run"  # --dry-run: nothing changed
+
+EXIT_OK = 0
+EXIT_STUDY_PROBLEM = 1  # a study failed or is incomplete, or a server is down
+EXIT_CONFIG = 2  # invalid configuration, rejected credentials, same server
+EXIT_LOCKED = 3  # another run holds the lock
+EXIT_SIGNAL_BASE = 128  # stopped by a signal: 128 + its number, as shells do
+
+PAGE_SIZE = 1000  # studies per page of GET /studies?expand
+DELETE_BATCH = 200  # instance IDs per /tools/bulk-delete request
+CHUNK_BYTES = 1024 * 1024  # read size while streaming an archive
+RETRY_STATUSES = frozenset({502, 503, 504})
+USER_AGENT = "pacs-rotate/1.0"
+# Orthanc writes empty or placeholder dates for studies whose real date is
+# unknown; 19000101 is the usual placeholder, so only later dates count.
+EARLIEST_STUDY_DATE = dt.date(1900, 1, 2)
+# Characters that make a spreadsheet read a cell as a formula.
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+
+
+# --------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------
+
+
+class ConfigError(Exception):
+    """Invalid or missing configuration; carries every problem found."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class OrthancError(Exception):
+    """A request to an Orthanc server failed; the message names server and URL."""
+
+    def __init__(self, server: str, method: str, url: str, detail: str, status=None):
+        super().__init__(f"{server}: {method} {url} failed: {detail}")
+        self.server = server
+        self.status = status
+
+
+class OrthancUnreachable(OrthancError):
+    """The server did not answer: connection refused, reset or timed out."""
+
+
+class OrthancAuthError(OrthancError):
+    """The server rejected the credentials (HTTP 401 or 403)."""
+
+
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived while a transfer was streaming."""
+
+
+# --------------------------------------------------------------------------
+# Configuration
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    name: str  # "Main" or "Backup", used in every message
+    url: str  # without a trailing slash
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_bundle: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    main: ServerConfig
+    backup: ServerConfig
+    days: int = 180
+    log_csv: Path = Path("log_migracion.csv")
+    lock_file: Path = Path("log_migracion.csv.lock")
+    dry_run: bool = False
+    no_delete: bool = False
+    max_studies: int | None = None
+    min_idle_minutes: int = 60
+    grace_days: int = 0
+    verify: str = "sop"
+    transfer: str = "zip"
+    workers: int = 4
+    zip_max_mb: int = 1024
+    max_gigabytes: float | None = None
+    until: dt.time | None = None
+    connect_timeout: float = 10.0
+    read_timeout: float = 300.0
+    retries: int = 3
+    check: bool = False
+
+
+def parse_int(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"must be a whole number of at least {minimum}") from None
+        if value < minimum:
+            raise ValueError(f"must be a whole number of at least {minimum}")
+        return value
+
+    return parse
+
+
+def parse_positive_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError("must be a number greater than 0, for example 2.5") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError("must be a number greater than 0, for example 2.5")
+    return value
+
+
+def parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false (1/0, yes/no)")
+
+
+def parse_choice(*choices: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"must be one of: {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def parse_clock_time(text: str) -> dt.time:
+    try:
+        return dt.datetime.strptime(text.strip(), "%H:%M").time()
+    except ValueError:
+        raise ValueError("must be a local time as HH:MM, for example 06:30") from None
+
+
+def parse_url(text: str) -> str:
+    """Check an Orthanc base URL and return it without a trailing slash."""
+    value = text.strip()
+    parts = urllib.parse.urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            "must be a full URL with http:// or https://, "
+            "for example http://127.0.0.1:8042"
+        )
+    if parts.username or parts.password:
+        raise ValueError(
+            "must not contain credentials; set the _USERNAME and _PASSWORD "
+            "variables instead"
+        )
+    if parts.query or parts.fragment:
+        raise ValueError("must not contain a query (?) or a fragment (#)")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ValueError("has an invalid port number") from None
+    return value.rstrip("/")
+
+
+def parse_text(text: str) -> str:
+    return text
+
+
+def parse_path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("must not be empty")
+    return Path(text)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: where it can come from and how its text is checked."""
+
+    dest: str
+    env: str | None
+    flag: str | None
+    parse: Callable[[str], object]
+    help: str
+    is_switch: bool = False
+    metavar: str | None = None
+
+
+OPTIONS = (
+    Option("main_url", "ORTHANC_MAIN_URL", "--main-url", parse_url,
+           "Main Orthanc base URL (required)", metavar="URL"),
+    Option("main_username", "ORTHANC_MAIN_USERNAME", None, parse_text, ""),
+    Option("main_password", "ORTHANC_MAIN_PASSWORD", None, parse_text, ""),
+    Option("main_ca_bundle", "ORTHANC_MAIN_CA_BUNDLE", None, parse_path, ""),
+    Option("backup_url", "ORTHANC_BACKUP_URL", "--backup-url", parse_url,
+           "Backup Orthanc base URL (required)", metavar="URL"),
+    Option("backup_username", "ORTHANC_BACKUP_USERNAME", None, parse_text, ""),
+    Option("backup_password", "ORTHANC_BACKUP_PASSWORD", None, parse_text, ""),
+    Option("backup_ca_bundle", "ORTHANC_BACKUP_CA_BUNDLE", None, parse_path, ""),
+    Option("days", "ROTATE_DAYS", "--days", parse_int(1),
+           "move studies older than N days (default 180)", metavar="N"),
+    Option("log_csv", "ROTATE_LOG_CSV", "--log-csv", parse_path,
+           "CSV audit log to append to (default log_migracion.csv)", metavar="PATH"),
+    Option("lock_file", "ROTATE_LOCK_FILE", "--lock-file", parse_path,
+           "lock file that keeps two runs apart (default: CSV path + .lock)",
+           metavar="PATH"),
+    Option("dry_run", "ROTATE_DRY_RUN", "--dry-run", parse_bool,
+           "report what would happen; change nothing on either server",
+           is_switch=True),
+    Option("no_delete", "ROTATE_NO_DELETE", "--no-delete", parse_bool,
+           "copy and verify, but keep everything on Main", is_switch=True),
+    Option("max_studies", "ROTATE_MAX_STUDIES", "--max-studies", parse_int(1),
+           "start at most N studies this run", metavar="N"),
+    Option("min_idle_minutes", "ROTATE_MIN_IDLE_MINUTES", "--min-idle-minutes",
+           parse_int(0),
+           "skip studies that received an instance in the last N minutes "
+           "(default 60)", metavar="N"),
+    Option("grace_days", "ROTATE_GRACE_DAYS", "--grace-days", parse_int(0),
+           "keep a verified study on Main until Backup has held it N days "
+           "(default 0)", metavar="N"),
+    Option("verify", "ROTATE_VERIFY", "--verify", parse_choice("sop", "md5"),
+           "sop: every SOPInstanceUID is on Backup (default); md5: also the "
+           "same file MD5", metavar="{sop,md5}"),
+    Option("transfer", "ROTATE_TRANSFER", "--transfer",
+           parse_choice("zip", "instances"),
+           "zip: stream each study's archive (default); instances: copy "
+           "instance files in parallel", metavar="{zip,instances}"),
+    Option("workers", "ROTATE_WORKERS", "--workers", parse_int(1),
+           "transfers at once: studies in zip mode, instances in instances "
+           "mode (default 4)", metavar="N"),
+    Option("zip_max_mb", "ROTATE_ZIP_MAX_MB", "--zip-max-mb", parse_int(1),
+           "studies larger than this many MB go instance by instance "
+           "(default 1024)", metavar="MB"),
+    Option("max_gigabytes", "ROTATE_MAX_GIGABYTES", "--max-gigabytes",
+           parse_positive_float,
+           "start no new study once this many GB were copied", metavar="GB"),
+    Option("until", "ROTATE_UNTIL", "--until", parse_clock_time,
+           "start no new study after this local time", metavar="HH:MM"),
+    Option("connect_timeout", "ROTATE_CONNECT_TIMEOUT", "--connect-timeout",
+           parse_positive_float, "seconds to wait for a connection (default 10)",
+           metavar="S"),
+    Option("read_timeout", "ROTATE_READ_TIMEOUT", "--read-timeout",
+           parse_positive_float,
+           "seconds to wait for data from a server (default 300)", metavar="S"),
+    Option("retries", "ROTATE_RETRIES", "--retries", parse_int(0),
+           "retries of a safe request after a connection error or HTTP "
+           "502/503/504 (default 3)", metavar="N"),
+    Option("check", None, "--check", parse_bool,
+           "check the configuration and both servers, change nothing",
+           is_switch=True),
+)  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rotate_studies.py",
+        description="Move DICOM studies older than N days from a main Orthanc "
+        "server to a backup Orthanc server, verify them there, delete them from "
+        "Main and log one CSV row per study.",
+        epilog="Each flag overrides its environment variable, which overrides "
+        "the .env file. Credentials come only from the environment or .env.",
+    )
+    parser.add_argument(
+        "--env-file",
+        metavar="PATH",
+        help="read settings from this file (default: .env when it exists)",
+    )
+    for option in OPTIONS:
+        if option.flag is None:
+            continue
+        if option.is_switch:
+            parser.add_argument(
+                option.flag, dest=option.dest, action="store_const", const="1",
+                help=option.help,
+            )  # fmt: skip
+        else:
+            parser.add_argument(
+                option.flag, dest=option.dest, metavar=option.metavar,
+                help=option.help,
+            )  # fmt: skip
+    return parser
+
+
+def read_env_file(path_text: str | None) -> dict[str, str]:
+    """Read the .env file; a missing default file is fine, a named one is not."""
+    path = Path(path_text) if path_text else Path(".env")
+    if path_text is None and not path.exists():
+        return {}
+    origin = f"--env-file {path}" if path_text else f"{path}"
+    if not path.is_file():
+        raise ConfigError([f"{origin}: file not found; create it or fix the path"])
+    try:
+        with path.open(encoding="utf-8") as stream:
+            values = dotenv_values(stream=stream)
+    except OSError as error:
+        raise ConfigError(
+            [f"{origin}: cannot be read ({error.strerror}); fix its permissions"]
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError([f"{origin}: is not UTF-8 text; save it as UTF-8"]) from None
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def resolve_raw_values(
+    args: argparse.Namespace, environ: dict[str, str], env_file: dict[str, str]
+) -> dict[str, tuple[str, str]]:
+    """Return {dest: (source name, text)} by precedence: flag, env, .env."""
+    raw: dict[str, tuple[str, str]] = {}
+    for option in OPTIONS:
+        flag_value = getattr(args, option.dest, None) if option.flag else None
+        if flag_value is not None:
+            raw[option.dest] = (option.flag, flag_value)
+        elif option.env and option.env in environ:
+            raw[option.dest] = (option.env, environ[option.env])
+        elif option.env and option.env in env_file:
+            raw[option.dest] = (option.env, env_file[option.env])
+    return raw
+
+
+def describe_bad_value(option: Option, source: str, text: str, reason: str) -> str:
+    shown = "(hidden)" if option.dest.endswith("password") else repr(text)
+    return f"{source}={shown}: {reason}"
+
+
+def load_settings(argv: list[str], environ: dict[str, str]) -> Settings:
+    """Build Settings from flags, environment and .env; raise ConfigError."""
+    args = build_parser().parse_args(argv)
+    env_file = read_env_file(args.env_file)
+    raw = resolve_raw_values(args, environ, env_file)
+    values: dict[str, object] = {}
+    problems: list[str] = []
+    for option in OPTIONS:
+        if option.dest not in raw:
+            continue
+        source, text = raw[option.dest]
+        try:
+            values[option.dest] = option.parse(text)
+        except ValueError as error:
+            problems.append(describe_bad_value(option, source, text, str(error)))
+    for dest, name in (("main_url", "ORTHANC_MAIN_URL"),
+                       ("backup_url", "ORTHANC_BACKUP_URL")):  # fmt: skip
+        if dest not in raw:
+            problems.append(
+                f"{name} is missing: set it (or --{dest.replace('_', '-')}) to the "
+                "server's base URL, for example http://127.0.0.1:8042"
+            )
+    problems += check_credentials(values)
+    if problems:
+        raise ConfigError(problems)
+    return settings_from_values(values)
+
+
+def check_credentials(values: dict[str, object]) -> list[str]:
+    problems = []
+    for server in ("main", "backup"):
+        has_user = bool(values.get(f"{server}_username"))
+        has_password = f"{server}_password" in values
+        prefix = f"ORTHANC_{server.upper()}"
+        if has_password and not has_user:
+            problems.append(f"{prefix}_PASSWORD is set but {prefix}_USERNAME is not")
+        if has_user and not has_password:
+            problems.append(f"{prefix}_USERNAME is set but {prefix}_PASSWORD is not")
+        bundle = values.get(f"{server}_ca_bundle")
+        if bundle is not None and not Path(bundle).is_file():
+            problems.append(f"{prefix}_CA_BUNDLE={str(bundle)!r}: file not found")
+    return problems
+
+
+def settings_from_values(values: dict[str, object]) -> Settings:
+    servers = {}
+    for server in ("main", "backup"):
+        bundle = values.pop(f"{server}_ca_bundle", None)
+        servers[server] = ServerConfig(
+            name=server.capitalize(),
+            url=values.pop(f"{server}_url"),
+            username=values.pop(f"{server}_username", None) or None,
+            password=values.pop(f"{server}_password", None),
+            ca_bundle=str(bundle) if bundle else None,
+        )
+    log_csv = values.pop("log_csv", Path("log_migracion.csv"))
+    lock_file = values.pop("lock_file", Path(f"{log_csv}.lock"))
+    return Settings(
+        main=servers["main"],
+        backup=servers["backup"],
+        log_csv=log_csv,
+        lock_file=lock_file,
+        **values,
+    )
+
+
+def check_local_paths(settings: Settings) -> list[str]:
+    """Check that the CSV and lock file can be written, before any request."""
+    problems = []
+    for label, path in (("ROTATE_LOG_CSV", settings.log_csv),
+                        ("ROTATE_LOCK_FILE", settings.lock_file)):  # fmt: skip
+        directory = path.parent if str(path.parent) else Path(".")
+        if path.is_dir():
+            problems.append(f"{label}={str(path)!r}: is a directory; name a file")
+        elif not directory.is_dir():
+            problems.append(
+                f"{label}={str(path)!r}: folder {str(directory)!r} does not exist; "
+                "create it or choose another path"
+            )
+        elif not os.access(path if path.exists() else directory, os.W_OK):
+            problems.append(
+                f"{label}={str(path)!r}: not writable by this user; fix the "
+                "permissions or choose another path"
+            )
+    return problems
+
+
+# --------------------------------------------------------------------------
+# Orthanc client
+# --------------------------------------------------------------------------
+
+
+class OrthancClient:
+    """A requests.Session bound to one Orthanc server, with timeouts and retries.
+
+    Only requests that can be repeated without harm are retried: reads, and
+    deletions by ID. Uploads stream their body once and are never repeated
+    here; the verification that follows every upload decides what happened.
+    """
+
+    def __init__(self, config: ServerConfig, settings: Settings):
+        self.config = config
+        self.name = config.name
+        self.timeout = (settings.connect_timeout, settings.read_timeout)
+        self.retries = settings.retries
+        self.session = requests.Session()
+        # DICOM files rarely compress, and gzip costs CPU on both ends.
+        self.session.headers.update(
+            {"Accept-Encoding": "identity", "User-Agent": USER_AGENT}
+        )
+        if config.username:
+            self.session.auth = (config.username, config.password or "")
+        if config.ca_bundle:
+            self.session.verify = config.ca_bundle
+        adapter = requests.adapters.HTTPAdapter(
+            pool_connections=4, pool_maxsize=max(8, settings.workers * 2)
+        )
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def request(
+        self, method: str, path: str, *, retry: bool = True, **kwargs
+    ) -> requests.Response:
+        """Send one request; raise OrthancError unless the answer is 2xx."""
+        url = self.config.url + path
+        attempts = 1 + (self.retries if retry else 0)
+        for attempt in range(1, attempts + 1):
+            try:
+                response = self.session.request(
+                    method, url, timeout=self.timeout, **kwargs
+                )
+            except (requests.ConnectionError, requests.Timeout) as error:
+                if attempt == attempts:
+                    raise OrthancUnreachable(
+                        self.name, method, url, describe_network_error(error)
+                    ) from None
+                detail = describe_network_error(error)
+            else:
+                if response.status_code not in RETRY_STATUSES or attempt == attempts:
+                    return self._checked(method, url, response)
+                detail = f"HTTP {response.status_code}"
+                response.close()
+            delay = min(30.0, 0.5 * 2 ** (attempt - 1))
+            LOG.warning(
+                "%s: %s %s failed (%s); retry %d of %d in %.1f s",
+                self.name, method, url, detail, attempt, attempts - 1, delay,
+            )  # fmt: skip
+            time.sleep(delay)
+        raise AssertionError("unreachable")
+
+    def _checked(self, method: str, url: str, response: requests.Response):
+        status = response.status_code
+        if 200 <= status < 300:
+            return response
+        detail = f"HTTP {status} {describe_orthanc_error(response)}".strip()
+        response.close()
+        if status in (401, 403):
+            raise OrthancAuthError(self.name, method, url, detail, status)
+        raise OrthancError(self.name, method, url, detail, status)
+
+    def get_json(self, path: str, **params):
+        return self.request("GET", path, params=params or None).json()
+
+    def system(self) -> dict:
+        return self.get_json("/system")
+
+    def last_change(self) -> dict:
+        """Return the newest entry of Orthanc's change log (a server fingerprint)."""
+        changes = self.get_json("/changes", last="").get("Changes") or []
+        return changes[-1] if changes else {}
+
+    def studies_page(self, since: int, limit: int) -> list[dict]:
+        return self.get_json("/studies", expand="", since=since, limit=limit)
+
+    def study_instances(self, study_id: str) -> list[dict]:
+        return self.get_json(f"/studies/{study_id}/instances")
+
+    def study(self, study_id: str) -> dict:
+        return self.get_json(f"/studies/{study_id}")
+
+    def lookup_studies(self, study_instance_uid: str) -> list[str]:
+        """Return the Orthanc IDs of every study with this StudyInstanceUID."""
+        found = self.request("POST", "/tools/lookup", data=study_instance_uid).json()
+        return [item["ID"] for item in found if item.get("Type") == "Study"]
+
+    def instance_md5(self, instance_id: str) -> str:
+        path = f"/instances/{instance_id}/attachments/dicom/md5"
+        return self.request("GET", path).text.strip()
+
+    def open_stream(self, method: str, path: str, **kwargs) -> requests.Response:
+        return self.request(method, path, stream=True, **kwargs)
+
+    def upload(self, body, content_type: str) -> list[dict]:
+        """POST a DICOM file or a ZIP of them; return one status per file."""
+        response = self.request(
+            "POST",
+            "/instances",
+            data=body,
+            headers={"Content-Type": content_type},
+            retry=False,
+        )
+        answer = response.json()
+        return answer if isinstance(answer, list) else [answer]
+
+    def bulk_delete(self, instance_ids: list[str]) -> None:
+        self.request("POST", "/tools/bulk-delete", json={"Resources": instance_ids})
+
+
+def describe_network_error(error: Exception) -> str:
+    text = str(error)
+    if isinstance(error, requests.Timeout):
+        return "timed out"
+    if "Connection refused" in text:
+        return "connection refused"
+    if "reset" in text.lower():
+        return "connection reset"
+    if "Name or service not known" in text or "NameResolutionError" in text:
+        return "host name not found"
+    return f"connection failed ({type(error).__name__})"
+
+
+def describe_orthanc_error(response: requests.Response) -> str:
+    """Return Orthanc's own explanation from an error answer, if it has one."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.reason or ""
+    if isinstance(body, dict):
+        parts = [body.get("Message"), body.get("Details")]
+        return ": ".join(str(part) for part in parts if part)
+    return ""
+
+
+def server_address(url: str) -> tuple[str, int, str]:
+    """Return (IP address, port, path) that a URL reaches, to compare servers."""
+    parts = urllib.parse.urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    host = parts.hostname.lower()
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        try:
+            host = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)[0][4][0]
+        except OSError:
+            pass
+    if host in ("::1", "0.0.0.0") or host.startswith("127."):
+        host = "loopback"
+    return host, port, parts.path.rstrip("/").lower()
+
+
+def same_server_reason(
+    main: ServerConfig, backup: ServerConfig, main_change=None, backup_change=None
+) -> str | None:
+    """Return why Main and Backup look like one server, or None if they differ.
+
+    Two URLs are the same server when they reach the same address and port,
+    or when both servers report the same newest change (same sequence number,
+    resource and second), which two separate databases practically never do.
+    """
+    if server_address(main.url) == server_address(backup.url):
+        return f"{main.url} and {backup.url} reach the same address and port"
+    if main_change and main_change == backup_change:
+        return (
+            f"{main.url} and {backup.url} report the same newest change "
+            f"(Seq {main_change.get('Seq')}), so they are one Orthanc database"
+        )
+    return None
+
+
+# --------------------------------------------------------------------------
+# Which studies are old
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A study on Main with the facts that decide whether it is old."""
+
+    study_id: str
+    study_instance_uid: str
+    patient_id: str
+    accession_number: str
+    study_date: str  # the raw tag value; "" when the tag is absent
+    date_source: str  # "StudyDate" or "LastUpdate"
+    reference_date: dt.date
+    age_days: int
+    last_update: dt.datetime  # UTC
+    is_stable: bool
+
+
+def parse_study_date(raw: str | None, today: dt.date) -> dt.date | None:
+    """Return StudyDate as a date when it is a real, plausible calendar date.
+
+    Accepted forms are DICOM's YYYYMMDD and the legacy YYYY.MM.DD. Empty,
+    malformed, placeholder (19000101 or earlier) and future values return
+    None, so that the caller falls back to Main's LastUpdate.
+    """
+    text = (raw or "").strip()
+    if len(text) == 10 and text[4] == "." and text[7] == ".":
+        text = text.replace(".", "")
+    if len(text) != 8 or not text.isdigit():
+        return None
+    try:
+        value = dt.date(int(text[:4]), int(text[4:6]), int(text[6:]))
+    except ValueError:
+        return None
+    if value < EARLIEST_STUDY_DATE or value > today:
+        return None
+    return value
+
+
+def parse_last_update(raw: str) -> dt.datetime:
+    """Parse Orthanc's LastUpdate (UTC, YYYYMMDDTHHMMSS) into an aware datetime."""
+    return dt.datetime.strptime(raw, "%Y%m%dT%H%M%S").replace(tzinfo=dt.UTC)
+
+
+def reference_date(
+    study_date: str | None, last_update: dt.datetime, today: dt.date
+) -> tuple[dt.date, str]:
+    """Return the date that a study's age counts from, and which field gave it."""
+    parsed = parse_study_date(study_date, today)
+    if parsed is not None:
+        return parsed, "StudyDate"
+    return last_update.astimezone().date(), "LastUpdate"
+
+
+def is_old(reference: dt.date, today: dt.date, days: int) -> bool:
+    """A study is old when its reference date is more than `days` days ago."""
+    return (today - reference).days > days
+
+
+def candidate_from_study(study: dict, today: dt.date) -> Candidate:
+    tags = study.get("MainDicomTags", {})
+    patient = study.get("PatientMainDicomTags", {})
+    last_update = parse_last_update(study["LastUpdate"])
+    reference, source = reference_date(tags.get("StudyDate"), last_update, today)
+    return Candidate(
+        study_id=study["ID"],
+        study_instance_uid=tags.get("StudyInstanceUID", ""),
+        patient_id=patient.get("PatientID", ""),
+        accession_number=tags.get("AccessionNumber", ""),
+        study_date=tags.get("StudyDate", ""),
+        date_source=source,
+        reference_date=reference,
+        age_days=(today - reference).days,
+        last_update=last_update,
+        is_stable=bool(study.get("IsStable", True)),
+    )
+
+
+def select_old_studies(
+    studies: Iterable[dict], today: dt.date, days: int
+) -> list[Candidate]:
+    """Return the old studies among Orthanc study records, oldest first."""
+    candidates = [candidate_from_study(study, today) for study in studies]
+    old = [c for c in candidates if is_old(c.reference_date, today, days)]
+    return sorted(old, key=lambda c: (c.reference_date, c.study_id))
+
+
+def hold_back_reason(
+    candidate: Candidate, now: dt.datetime, min_idle_minutes: int
+) -> str | None:
+    """Return why an old study must wait for a later run, or None."""
+    if not candidate.is_stable:
+        return "Main reports the study as not stable: it is still receiving instances"
+    idle = now - candidate.last_update
+    if idle < dt.timedelta(minutes=min_idle_minutes):
+        minutes = max(0, int(idle.total_seconds() // 60))
+        return (
+            f"Main received an instance {minutes} min ago, less than the "
+            f"{min_idle_minutes} min idle time (ROTATE_MIN_IDLE_MINUTES)"
+        )
+    return None
+
+
+def list_all_studies(main: OrthancClient) -> Iterator[dict]:
+    """Yield every study record on Main, page by page.
+
+    GET /studies?expand is used instead of /tools/find because the server's
+    LimitFindResults silently caps /tools/find. Paging uses an offset, so the
+    whole list is read before anything is deleted.
+    """
+    since = 0
+    while True:
+        page = main.studies_page(since, PAGE_SIZE)
+        yield from page
+        if len(page) < PAGE_SIZE:
+            return
+        since += len(page)
+
+
+# --------------------------------------------------------------------------
+# Is this study complete on Backup
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MainInstance:
+    instance_id: str
+    sop_instance_uid: str
+    size: int
+
+
+@dataclass(frozen=True)
+class BackupCopy:
+    """What Backup holds for one StudyInstanceUID, over all its Orthanc studies."""
+
+    instances: dict[str, str]  # SOPInstanceUID -> Backup instance ID
+    last_update: dt.datetime | None  # newest LastUpdate of those studies
+
+
+def main_instances_of(main: OrthancClient, study_id: str) -> list[MainInstance]:
+    return [
+        MainInstance(
+            instance_id=item["ID"],
+            sop_instance_uid=item.get("MainDicomTags", {}).get("SOPInstanceUID", ""),
+            size=int(item.get("FileSize", 0)),
+        )
+        for item in main.study_instances(study_id)
+    ]
+
+
+def read_backup_copy(backup: OrthancClient, study_instance_uid: str) -> BackupCopy:
+    """Ask Backup which instances it holds for this StudyInstanceUID."""
+    instances: dict[str, str] = {}
+    newest = None
+    for backup_study_id in backup.lookup_studies(study_instance_uid):
+        study = backup.study(backup_study_id)
+        updated = parse_last_update(study["LastUpdate"])
+        newest = updated if newest is None else max(newest, updated)
+        for item in backup.study_instances(backup_study_id):
+            sop = item.get("MainDicomTags", {}).get("SOPInstanceUID")
+            if sop:
+                instances[sop] = item["ID"]
+    return BackupCopy(instances, newest)
+
+
+def missing_instances(
+    main_instances: list[MainInstance], copy: BackupCopy
+) -> list[MainInstance]:
+    """Return the instances of Main whose SOPInstanceUID Backup does not hold."""
+    return [i for i in main_instances if i.sop_instance_uid not in copy.instances]
+
+
+def md5_mismatches(
+    main: OrthancClient,
+    backup: OrthancClient,
+    present: list[MainInstance],
+    copy: BackupCopy,
+    workers: int,
+) -> list[MainInstance]:
+    """Return the instances whose stored DICOM file differs between the servers."""
+
+    def differs(instance: MainInstance) -> bool:
+        backup_id = copy.instances[instance.sop_instance_uid]
+        return main.instance_md5(instance.instance_id) != backup.instance_md5(backup_id)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        flags = list(pool.map(differs, present))
+    return [instance for instance, flag in zip(present, flags, strict=True) if flag]
+
+
+def verified_instances(
+    main_instances: list[MainInstance], copy: BackupCopy, mismatched: list[MainInstance]
+) -> list[MainInstance]:
+    """Return the Main instances that Backup holds, minus MD5 mismatches."""
+    rejected = {instance.instance_id for instance in mismatched}
+    return [
+        instance
+        for instance in main_instances
+        if instance.sop_instance_uid in copy.instances
+        and instance.instance_id not in rejected
+    ]
+
+
+def grace_remaining(
+    copy: BackupCopy, grace_days: int, now: dt.datetime
+) -> dt.timedelta | None:
+    """Return how long Backup must still hold the study before deletion."""
+    if grace_days <= 0 or copy.last_update is None:
+        return None
+    remaining = copy.last_update + dt.timedelta(days=grace_days) - now
+    return remaining if remaining > dt.timedelta(0) else None
+
+
+# --------------------------------------------------------------------------
+# Copy what Backup lacks
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class UploadResult:
+    """What Backup said about the files it received (it is checked again later)."""
+
+    copied_bytes: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+
+    def add(self, answers: list[dict]) -> None:
+        for answer in answers:
+            status = str(answer.get("Status", "unknown"))
+            self.statuses[status] = self.statuses.get(status, 0) + 1
+
+    def problems(self) -> str:
+        bad = {
+            k: v
+            for k, v in self.statuses.items()
+            if k not in ("Success", "AlreadyStored")
+        }
+        return ", ".join(f"{count} {status}" for status, count in sorted(bad.items()))
+
+
+class StreamedBody(io.RawIOBase):
+    """A streamed download seen as a file, so requests uploads it as it arrives.
+
+    Given a Content-Length, requests sends that header and reads the body in
+    blocks; without one it sends the body chunked. Either way the whole file
+    is never held in memory. A download that ends early raises, so that a cut
+    file is never sent as if it were whole.
+    """
+
+    def __init__(self, response: requests.Response, stop: threading.Event):
+        self.response = response
+        self.stop = stop
+        self.sent = 0
+        length = response.headers.get("Content-Length")
+        self.expected = int(length) if length and length.isdigit() else None
+
+    def __len__(self) -> int:
+        return self.expected if self.expected is not None else 0
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self.stop.is_set():
+            raise StopRequested()
+        data = self.response.raw.read(CHUNK_BYTES if size < 0 else size)
+        self.sent += len(data)
+        return data
+
+    def iter_chunks(self) -> Iterator[bytes]:
+        while True:
+            data = self.read(CHUNK_BYTES)
+            if not data:
+                return
+            yield data
+
+
+def copy_instance(
+    main: OrthancClient,
+    backup: OrthancClient,
+    instance: MainInstance,
+    stop: threading.Event,
+) -> tuple[list[dict], int]:
+    """Stream one instance file from Main to Backup; return Backup's answers."""
+    if stop.is_set():
+        raise StopRequested()
+    path = f"/instances/{instance.instance_id}/file"
+    with main.open_stream("GET", path) as response:
+        body = StreamedBody(response, stop)
+        data = body if body.expected is not None else body.iter_chunks()
+        answers = backup.upload(data, "application/dicom")
+        return answers, body.sent
+
+
+def transfer_instances(
+    main: OrthancClient,
+    backup: OrthancClient,
+    missing: list[MainInstance],
+    workers: int,
+    stop: threading.Event,
+) -> UploadResult:
+    """Copy instance files in parallel; record errors without stopping the rest."""
+    result = UploadResult()
+    errors: list[str] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [
+            pool.submit(copy_instance, main, backup, instance, stop)
+            for instance in missing
+        ]
+        for future in concurrent.futures.as_completed(futures):
+            try:
+                answers, sent = future.result()
+            except StopRequested:
+                continue
+            except (OrthancError, requests.RequestException) as error:
+                errors.append(str(error))
+                continue
+            result.add(answers)
+            result.copied_bytes += sent
+    if errors:
+        result.statuses["error"] = len(errors)
+        LOG.warning("%d instance copies failed; first: %s", len(errors), errors[0])
+    return result
+
+
+def transfer_zip(
+    main: OrthancClient,
+    backup: OrthancClient,
+    study_id: str,
+    missing: list[MainInstance],
+    all_missing: bool,
+    stop: threading.Event,
+) -> UploadResult:
+    """Stream a ZIP archive from Main straight into Backup's POST /instances.
+
+    The whole study uses GET /studies/{id}/archive; a partial copy asks for
+    an archive of the missing instances only. Neither request transcodes.
+    """
+    if all_missing:
+        stream = main.open_stream("GET", f"/studies/{study_id}/archive")
+    else:
+        body = {"Resources": [i.instance_id for i in missing], "Synchronous": True}
+        stream = main.open_stream("POST", "/tools/create-archive", json=body)
+    with stream as response:
+        body = StreamedBody(response, stop)
+        answers = backup.upload(body.iter_chunks(), "application/zip")
+        result = UploadResult(copied_bytes=sum(i.size for i in missing))
+        result.add(answers)
+        return result
+
+
+# --------------------------------------------------------------------------
+# Delete exactly what was verified
+# --------------------------------------------------------------------------
+
+
+def delete_verified(main: OrthancClient, verified: list[MainInstance]) -> None:
+    """Delete from Main the instances that Backup was asked about and holds.
+
+    Deleting by instance ID, never by study, leaves on Main any instance that
+    arrived after the verification.
+    """
+    ids = [instance.instance_id for instance in verified]
+    for start in range(0, len(ids), DELETE_BATCH):
+        main.bulk_delete(ids[start : start + DELETE_BATCH])
+
+
+# --------------------------------------------------------------------------
+# One study, start to end
+# --------------------------------------------------------------------------
+
+
+@dataclass
+class StudyOutcome:
+    """What happened to one study; becomes one CSV row."""
+
+    status: str
+    message: str = ""
+    transfer: str = "none"
+    instances_main: int | str = ""
+    instances_backup: int | str = ""
+    size_bytes: int | str = ""
+    copied_bytes: int = 0
+    freed_bytes: int = 0
+
+
+@dataclass
+class RunContext:
+    settings: Settings
+    main: OrthancClient
+    backup: OrthancClient
+    stop: threading.Event
+
+
+def choose_transfer(settings: Settings, study_bytes: int) -> str:
+    """Return "zip" or "instances" for a study of this size."""
+    if settings.transfer == "instances":
+        return "instances"
+    if study_bytes > settings.zip_max_mb * 1024 * 1024:
+        return "instances"
+    return "zip"
+
+
+def describe_plan(missing: int, total: int, settings: Settings) -> str:
+    action = (
+        "keep it on Main (--no-delete)"
+        if settings.no_delete
+        else (f"delete {total} instances from Main")
+    )
+    if missing:
+        return f"would copy {missing} of {total} instances to Backup, verify, {action}"
+    return f"Backup holds all {total} instances; would verify and {action}"
+
+
+def rotate_study(context: RunContext, candidate: Candidate) -> StudyOutcome:
+    """Compare, copy, verify and delete one study; return its outcome."""
+    settings, main, backup = context.settings, context.main, context.backup
+    instances = main_instances_of(main, candidate.study_id)
+    if not instances:
+        return StudyOutcome(SKIPPED, "the study has no instances left on Main")
+    size = sum(i.size for i in instances)
+    copy = read_backup_copy(backup, candidate.study_instance_uid)
+    missing = missing_instances(instances, copy)
+    outcome = StudyOutcome("", instances_main=len(instances), size_bytes=size)
+
+    if settings.dry_run:
+        outcome.status = DRY_RUN
+        outcome.instances_backup = len(copy.instances)
+        outcome.message = describe_plan(len(missing), len(instances), settings)
+        return outcome
+
+    upload = None
+    if missing:
+        outcome.transfer = choose_transfer(settings, size)
+        upload = run_transfer(context, candidate, instances, missing, outcome.transfer)
+        outcome.copied_bytes = upload.copied_bytes
+        copy = read_backup_copy(backup, candidate.study_instance_uid)
+    return decide_after_verification(context, instances, copy, upload, outcome)
+
+
+def run_transfer(context, candidate, instances, missing, method) -> UploadResult:
+    if method == "instances":
+        return transfer_instances(
+            context.main,
+            context.backup,
+            missing,
+            context.settings.workers,
+            context.stop,
+        )
+    return transfer_zip(
+        context.main,
+        context.backup,
+        candidate.study_id,
+        missing,
+        len(missing) == len(instances),
+        context.stop,
+    )
+
+
+def decide_after_verification(
+    context: RunContext,
+    instances: list[MainInstance],
+    copy: BackupCopy,
+    upload: UploadResult | None,
+    outcome: StudyOutcome,
+) -> StudyOutcome:
+    """Given Backup's fresh answer, delete what is verified or keep the study."""
+    settings = context.settings
+    outcome.instances_backup = len(copy.instances)
+    still_missing = missing_instances(instances, copy)
+    copied = upload is not None
+    if still_missing:
+        outcome.status = INCOMPLETE
+        outcome.message = describe_missing(still_missing, len(instances), upload)
+        return outcome
+
+    mismatched = []
+    if settings.verify == "md5":
+        mismatched = md5_mismatches(
+            context.main, context.backup, instances, copy, settings.workers
+        )
+    if mismatched:
+        outcome.status = INCOMPLETE
+        outcome.message = (
+            f"{len(mismatched)} of {len(instances)} instances have a different "
+            "MD5 on Backup; kept on Main"
+        )
+        return outcome
+
+    verified = verified_instances(instances, copy, mismatched)
+    check = "SOPInstanceUID and MD5" if settings.verify == "md5" else "SOPInstanceUID"
+    done = f"{len(verified)} instances verified on Backup by {check}"
+    if settings.no_delete:
+        outcome.status = TRANSFERRED if copied else SKIPPED
+        outcome.message = f"{done}; kept on Main (--no-delete)"
+        return outcome
+    remaining = grace_remaining(copy, settings.grace_days, now_utc())
+    if remaining is not None:
+        outcome.status = TRANSFERRED if copied else SKIPPED
+        outcome.message = (
+            f"{done}; kept on Main for {format_duration(remaining)} more "
+            f"(grace period of {settings.grace_days} days on Backup)"
+        )
+        return outcome
+    if context.stop.is_set():
+        outcome.status = TRANSFERRED if copied else SKIPPED
+        outcome.message = f"{done}; kept on Main because the run was asked to stop"
+        return outcome
+
+    delete_verified(context.main, verified)
+    outcome.freed_bytes = sum(i.size for i in verified)
+    outcome.status = MIGRATED if copied else DELETED
+    outcome.message = f"{done}; deleted {len(verified)} from Main"
+    return outcome
+
+
+def describe_missing(
+    still_missing: list[MainInstance], total: int, upload: UploadResult | None
+) -> str:
+    message = f"Backup lacks {len(still_missing)} of {total} instances after the copy"
+    if upload is not None and upload.problems():
+        message += f" (Backup answered: {upload.problems()})"
+    return message + "; kept on Main"
+
+
+def finish_counts(context: RunContext, candidate: Candidate, outcome: StudyOutcome):
+    """Fill in the instance counts as they are when the row is written."""
+    try:
+        outcome.instances_main = count_main_instances(context.main, candidate)
+        if not context.settings.dry_run:
+            copy = read_backup_copy(context.backup, candidate.study_instance_uid)
+            outcome.instances_backup = len(copy.instances)
+    except OrthancError as error:
+        LOG.debug("could not recount %s: %s", candidate.study_id, error)
+
+
+def count_main_instances(main: OrthancClient, candidate: Candidate) -> int:
+    try:
+        return len(main.study_instances(candidate.study_id))
+    except OrthancError as error:
+        if error.status == 404:  # the last instance was deleted, so was the study
+            return 0
+        raise
+
+
+def process_candidate(context: RunContext, candidate: Candidate) -> StudyOutcome:
+    """Run one study and turn every error into a row; never raise past here."""
+    reason = hold_back_reason(candidate, now_utc(), context.settings.min_idle_minutes)
+    if reason is not None:
+        return StudyOutcome(SKIPPED, reason)
+    try:
+        outcome = rotate_study(context, candidate)
+    except OrthancAuthError:
+        raise
+    except OrthancError as error:
+        if error.status == 404 and error.server == "Main":
+            return StudyOutcome(SKIPPED, f"the study is no longer on Main ({error})")
+        return StudyOutcome(FAILED, f"{error}; kept on Main")
+    except StopRequested:
+        return StudyOutcome(
+            SKIPPED, "the run was asked to stop during the copy; kept on Main"
+        )
+    except requests.RequestException as error:
+        return StudyOutcome(
+            FAILED, f"transfer failed: {describe_network_error(error)}; kept on Main"
+        )
+    if outcome.status not in (DRY_RUN,):
+        finish_counts(context, candidate, outcome)
+    return outcome
+
+
+# --------------------------------------------------------------------------
+# CSV audit log
+# --------------------------------------------------------------------------
+
+
+def safe_cell(value: object) -> str:
+    """Return a cell that a spreadsheet shows as text, on a single line."""
+    text = "" if value is None else str(value)
+    text = text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    if text.startswith(FORMULA_PREFIXES):
+        text = "'" + text
+    return text
+
+
+def format_row(values: dict[str, object]) -> str:
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\r\n").writerow(
+        [safe_cell(values.get(column, "")) for column in CSV_COLUMNS]
+    )
+    return buffer.getvalue()
+
+
+class AuditLog:
+    """The append-only CSV log: one physical line per row, fsynced as written.
+
+    Every cell is kept on one line, so a row cut short by a killed process is
+    the file's incomplete last line. Opening the log removes such a line and
+    logs what it contained, so that later rows and readers stay aligned.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.lock = threading.Lock()
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._repair_torn_tail()
+        if os.fstat(self.fd).st_size == 0:
+            self._write(format_row(dict(zip(CSV_COLUMNS, CSV_COLUMNS, strict=True))))
+
+    def _repair_torn_tail(self) -> None:
+        with open(self.path, "rb") as stream:
+            data = stream.read()
+        if not data or data.endswith(b"\n"):
+            self._check_header(data)
+            return
+        keep = data.rfind(b"\n") + 1
+        LOG.warning(
+            "%s ended with an incomplete row, probably from a killed run; "
+            "removed it: %r",
+            self.path, data[keep:][:300].decode("utf-8", "replace"),
+        )  # fmt: skip
+        os.ftruncate(self.fd, keep)
+        self._check_header(data[:keep])
+
+    def _check_header(self, data: bytes) -> None:
+        if not data:
+            return
+        first = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
+        if first.lstrip("\ufeff") != ",".join(CSV_COLUMNS):
+            raise ConfigError(
+                [
+                    f"ROTATE_LOG_CSV={str(self.path)!r}: the file exists but its "
+                    "header is not this tool's CSV columns; move it aside or "
+                    "choose another path"
+                ]
+            )
+
+    def _write(self, line: str) -> None:
+        os.write(self.fd, line.encode("utf-8"))
+        os.fsync(self.fd)
+
+    def append(self, values: dict[str, object]) -> None:
+        with self.lock:
+            self._write(format_row(values))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def csv_values(
+    run_id: str, candidate: Candidate, outcome: StudyOutcome, seconds: float
+) -> dict[str, object]:
+    return {
+        "timestamp": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "run_id": run_id,
+        "study_id": candidate.study_id,
+        "study_instance_uid": candidate.study_instance_uid,
+        "patient_id": candidate.patient_id,
+        "accession_number": candidate.accession_number,
+        "study_date": candidate.study_date,
+        "date_source": candidate.date_source,
+        "age_days": candidate.age_days,
+        "instances_main": outcome.instances_main,
+        "instances_backup": outcome.instances_backup,
+        "size_bytes": outcome.size_bytes,
+        "transfer": outcome.transfer,
+        "status": outcome.status,
+        "duration_s": f"{seconds:.1f}",
+        "message": outcome.message,
+    }
+
+
+# --------------------------------------------------------------------------
+# The run: lock, preflight, budgets, progress and summary
+# --------------------------------------------------------------------------
+
+
+def now_utc() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def format_duration(delta: dt.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds >= 86400:
+        return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.2f} TB"
+
+
+def acquire_lock(path: Path) -> int:
+    """Take the run lock; the kernel releases it when the process ends, however."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        os.close(fd)
+        if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            return -1
+        raise
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
+def run_deadline(until: dt.time | None, start: dt.datetime) -> dt.datetime | None:
+    """Return the next moment at local time `until`, from the run's start."""
+    if until is None:
+        return None
+    deadline = start.replace(
+        hour=until.hour, minute=until.minute, second=0, microsecond=0
+    )
+    if deadline <= start:
+        deadline += dt.timedelta(days=1)
+    return deadline
+
+
+@dataclass
+class Budget:
+    """Limits on how much one run starts; the rest waits for the next run."""
+
+    max_studies: int | None
+    max_bytes: float | None
+    deadline: dt.datetime | None
+    started: int = 0
+    copied_bytes: int = 0
+
+    def exhausted(self, now: dt.datetime) -> str | None:
+        """Return the name of the limit that stops new studies, or None."""
+        if self.max_studies is not None and self.started >= self.max_studies:
+            return f"--max-studies {self.max_studies}"
+        if self.max_bytes is not None and self.copied_bytes >= self.max_bytes:
+            return f"--max-gigabytes {self.max_bytes / 1e9:g}"
+        if self.deadline is not None and now >= self.deadline:
+            return f"--until {self.deadline:%H:%M}"
+        return None
+
+
+class Progress:
+    """Progress on a terminal as one rewritten line; under cron, a line per study."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total = total
+        self.done = 0
+        self.bytes = 0
+        self.start = time.monotonic()
+        self.stream = stream
+        self.live = stream.isatty()
+
+    def study_done(self, candidate: Candidate, outcome: StudyOutcome) -> None:
+        self.done += 1
+        self.bytes += outcome.copied_bytes
+        line = (
+            f"[{self.done}/{self.total}] {candidate.study_id} "
+            f"{outcome.status}: {outcome.message}"
+        )
+        if outcome.status in (FAILED, INCOMPLETE):
+            LOG.error("%s", line)
+        elif not self.live:
+            LOG.info("%s", line)
+        if self.live:
+            self.stream.write("\r\033[K" + self.status_line())
+            self.stream.flush()
+
+    def status_line(self) -> str:
+        elapsed = max(time.monotonic() - self.start, 0.001)
+        rate = self.bytes / elapsed
+        left = ""
+        if self.done:
+            remaining = elapsed / self.done * (self.total - self.done)
+            left = f", about {format_duration(dt.timedelta(seconds=remaining))} left"
+        return (
+            f"{self.done}/{self.total} studies, {format_bytes(self.bytes)} copied, "
+            f"{format_bytes(rate)}/s{left}"
+        )
+
+    def close(self) -> None:
+        if self.live and self.done:
+            self.stream.write("\n")
+
+
+@dataclass
+class RunSummary:
+    counts: dict[str, int] = field(default_factory=dict)
+    copied_bytes: int = 0
+    freed_bytes: int = 0
+    not_started: int = 0
+    stopped_by: str | None = None
+
+    def add(self, outcome: StudyOutcome) -> None:
+        self.counts[outcome.status] = self.counts.get(outcome.status, 0) + 1
+        self.copied_bytes += outcome.copied_bytes
+        self.freed_bytes += outcome.freed_bytes
+
+    def has_problems(self) -> bool:
+        return bool(self.counts.get(FAILED) or self.counts.get(INCOMPLETE))
+
+    def text(self, seconds: float, eligible: int) -> str:
+        order = (MIGRATED, DELETED, TRANSFERRED, INCOMPLETE, FAILED, SKIPPED, DRY_RUN)
+        counts = ", ".join(f"{s} {self.counts[s]}" for s in order if s in self.counts)
+        lines = [
+            f"Old studies on Main: {eligible}. Rows written: "
+            f"{sum(self.counts.values())} ({counts or 'none'}).",
+            f"Copied {format_bytes(self.copied_bytes)}, freed "
+            f"{format_bytes(self.freed_bytes)} on Main, in {seconds:.1f} s.",
+        ]
+        if self.not_started:
+            lines.append(
+                f"{self.not_started} old studies left for the next run "
+                f"(stopped by {self.stopped_by})."
+            )
+        return "\n".join(lines)
+
+
+def preflight(settings: Settings, main: OrthancClient, backup: OrthancClient):
+    """Reach both servers and apply the same-server guard; change nothing.
+
+    Returns (main /system, backup /system or None when Backup is unreachable).
+    Raises OrthancUnreachable for Main, OrthancAuthError for either server,
+    and ConfigError when both URLs lead to one server.
+    """
+    main_system = main.system()
+    try:
+        backup_system = backup.system()
+    except OrthancUnreachable:
+        backup_system = None
+    main_change = main.last_change()
+    backup_change = backup.last_change() if backup_system else None
+    reason = same_server_reason(
+        settings.main, settings.backup, main_change, backup_change
+    )
+    if reason:
+        raise ConfigError(
+            [
+                f"Main and Backup are the same server: {reason}. Verifying "
+                "against the same server would pass and deleting would remove "
+                "the only copy; point ORTHANC_BACKUP_URL at the backup server"
+            ]
+        )
+    return main_system, backup_system
+
+
+def plan_run(main: OrthancClient, settings: Settings) -> list[Candidate]:
+    today = dt.date.today()
+    studies = list(list_all_studies(main))
+    old = select_old_studies(studies, today, settings.days)
+    LOG.info(
+        "Main holds %d studies; %d are older than %d days",
+        len(studies), len(old), settings.days,
+    )  # fmt: skip
+    return old
+
+
+class Rotation:
+    """One run over the planned studies, with budgets, signals and the log."""
+
+    def __init__(self, context: RunContext, log: AuditLog, candidates: list[Candidate]):
+        self.context = context
+        self.log = log
+        self.candidates = candidates
+        self.run_id = uuid.uuid4().hex[:12]
+        settings = context.settings
+        self.budget = Budget(
+            settings.max_studies,
+            settings.max_gigabytes * 1e9 if settings.max_gigabytes else None,
+            run_deadline(settings.until, dt.datetime.now()),
+        )
+        self.summary = RunSummary()
+        self.progress = Progress(len(candidates))
+        self.lock = threading.Lock()
+
+    def parallel_studies(self) -> int:
+        """Studies in flight: zip mode overlaps studies, instances mode copies
+        the instances of one study in parallel instead."""
+        settings = self.context.settings
+        return settings.workers if settings.transfer == "zip" else 1
+
+    def run(self) -> RunSummary:
+        pending = list(self.candidates)
+        in_flight: set[concurrent.futures.Future] = set()
+        with concurrent.futures.ThreadPoolExecutor(self.parallel_studies()) as pool:
+            while pending or in_flight:
+                while pending and len(in_flight) < self.parallel_studies():
+                    if self.stop_reason() is not None:
+                        break
+                    candidate = pending.pop(0)
+                    self.budget.started += 1
+                    in_flight.add(pool.submit(self.run_one, candidate))
+                if not in_flight:
+                    break
+                done, in_flight = concurrent.futures.wait(
+                    in_flight, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for future in done:
+                    future.result()
+        self.summary.not_started = len(pending)
+        self.summary.stopped_by = self.stop_reason()
+        self.progress.close()
+        return self.summary
+
+    def stop_reason(self) -> str | None:
+        if self.context.stop.is_set():
+            return "a stop signal"
+        with self.lock:
+            return self.budget.exhausted(dt.datetime.now())
+
+    def run_one(self, candidate: Candidate) -> None:
+        started = time.monotonic()
+        outcome = process_candidate(self.context, candidate)
+        seconds = time.monotonic() - started
+        self.log.append(csv_values(self.run_id, candidate, outcome, seconds))
+        with self.lock:
+            self.budget.copied_bytes += outcome.copied_bytes
+            self.summary.add(outcome)
+            self.progress.study_done(candidate, outcome)
+
+
+def fail_every_study(
+    log: AuditLog, candidates: list[Candidate], run_id: str, why: str
+) -> RunSummary:
+    """Write a failed row for every old study when Backup cannot be reached."""
+    summary = RunSummary()
+    for candidate in candidates:
+        outcome = StudyOutcome(FAILED, f"{why}; kept on Main")
+        log.append(csv_values(run_id, candidate, outcome, 0.0))
+        summary.add(outcome)
+        LOG.error("%s failed: %s", candidate.study_id, outcome.message)
+    return summary
+
+
+# --------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------
+
+
+def configure_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if sys.stderr.isatty():
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    LOG.addHandler(handler)
+    LOG.setLevel(logging.INFO)
+    LOG.propagate = False
+
+
+def install_signal_handlers(stop: threading.Event, received: list[int]) -> None:
+    """Let SIGTERM (docker stop) and SIGINT finish the current study first."""
+
+    def handle(signum, _frame):
+        if not stop.is_set():
+            LOG.warning(
+                "received %s: finishing the current study, starting no new one",
+                signal.Signals(signum).name,
+            )
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handle)
+    signal.signal(signal.SIGINT, handle)
+
+
+def describe_settings(settings: Settings) -> str:
+    mode = (
+        "dry run"
+        if settings.dry_run
+        else ("copy only (--no-delete)" if settings.no_delete else "rotate")
+    )
+    return (
+        f"{mode}: studies older than {settings.days} days from {settings.main.url} "
+        f"to {settings.backup.url}, transfer {settings.transfer}, verify "
+        f"{settings.verify}, log {settings.log_csv}"
+    )
+
+
+def run_check(settings: Settings) -> int:
+    """--check: validate, reach both servers, print what they are."""
+    main = OrthancClient(settings.main, settings)
+    backup = OrthancClient(settings.backup, settings)
+    main_system, backup_system = preflight(settings, main, backup)
+    if backup_system is None:
+        backup.system()  # raises OrthancUnreachable with the details
+    for config, system in ((settings.main, main_system),
+                           (settings.backup, backup_system)):  # fmt: skip
+        print(
+            f"{config.name}: {config.url} is Orthanc {system.get('Version')} "
+            f"named {system.get('Name')!r}"
+        )
+    print("Configuration OK: Main and Backup are two different servers.")
+    return EXIT_OK
+
+
+def run_rotation(settings: Settings, stop: threading.Event) -> int:
+    main = OrthancClient(settings.main, settings)
+    backup = OrthancClient(settings.backup, settings)
+    _, backup_system = preflight(settings, main, backup)
+    log = AuditLog(settings.log_csv)
+    try:
+        started = time.monotonic()
+        LOG.info("%s", describe_settings(settings))
+        candidates = plan_run(main, settings)
+        context = RunContext(settings, main, backup, stop)
+        if backup_system is None:
+            summary = fail_every_study(
+                log, candidates, uuid.uuid4().hex[:12],
+                f"Backup {settings.backup.url} is unreachable",
+            )  # fmt: skip
+        else:
+            summary = Rotation(context, log, candidates).run()
+        print(summary.text(time.monotonic() - started, len(candidates)))
+    finally:
+        log.close()
+    if backup_system is None or summary.has_problems():
+        return EXIT_STUDY_PROBLEM
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    configure_logging()
+    try:
+        settings = load_settings(
+            sys.argv[1:] if argv is None else argv, dict(os.environ)
+        )
+        problems = check_local_paths(settings)
+        if problems:
+            raise ConfigError(problems)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    try:
+        if settings.check:
+            return run_check(settings)
+        return run_locked(settings)
+    except ConfigError as error:
+        for problem in error.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OrthancAuthError as error:
+        print(
+            f"error: {error}. Check ORTHANC_{error.server.upper()}_USERNAME and "
+            f"ORTHANC_{error.server.upper()}_PASSWORD; nothing was deleted.",
+            file=sys.stderr,
+        )
+        return EXIT_CONFIG
+    except OrthancError as error:
+        print(f"error: {error}; nothing was deleted.", file=sys.stderr)
+        return EXIT_CONFIG if settings.check else EXIT_STUDY_PROBLEM
+
+
+def run_locked(settings: Settings) -> int:
+    lock_fd = acquire_lock(settings.lock_file)
+    if lock_fd < 0:
+        print(
+            f"error: another run holds the lock file {settings.lock_file}; "
+            "this run changed nothing. Wait for it to finish.",
+            file=sys.stderr,
+        )
+        return EXIT_LOCKED
+    stop = threading.Event()
+    received: list[int] = []
+    install_signal_handlers(stop, received)
+    try:
+        status = run_rotation(settings, stop)
+    finally:
+        os.close(lock_fd)
+    if received:
+        return EXIT_SIGNAL_BASE + received[0]
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
