@@ -1,0 +1,377 @@
+"""The tool's decisions as pure functions, tested without a server."""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+from pathlib import Path
+
+import pytest
+
+import rotate_studies as rs
+
+TODAY = dt.date(2026, 12, 4)
+NOW = dt.datetime(2026, 12, 4, 12, 0, tzinfo=dt.UTC)
+RECENT_UPDATE = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("20150101", dt.date(2015, 1, 1)),
+        ("2015.01.01", dt.date(2015, 1, 1)),
+        (" 20150101 ", dt.date(2015, 1, 1)),
+        ("19000102", dt.date(1900, 1, 2)),
+        ("20261204", TODAY),
+        ("", None),
+        (None, None),
+        ("2019-01-01", None),
+        ("00000000", None),
+        ("19000101", None),
+        ("18991231", None),
+        ("20261205", None),
+        ("20190230", None),
+        ("2019011", None),
+        ("201901011", None),
+        ("2019.1.01", None),
+        ("abcdefgh", None),
+    ],
+)
+def test_parse_study_date(raw, expected):
+    assert rs.parse_study_date(raw, TODAY) == expected
+
+
+def test_reference_date_uses_valid_study_date():
+    assert rs.reference_date("20150101", RECENT_UPDATE, TODAY) == (
+        dt.date(2015, 1, 1),
+        "StudyDate",
+    )
+
+
+@pytest.mark.parametrize("raw", ["", None, "2019-01-01", "19000101", "20300101"])
+def test_reference_date_falls_back_to_last_update(raw):
+    reference, source = rs.reference_date(raw, RECENT_UPDATE, TODAY)
+    assert source == "LastUpdate"
+    assert reference == RECENT_UPDATE.astimezone().date()
+
+
+def test_parse_last_update_is_utc():
+    parsed = rs.parse_last_update("20261204T155358")
+    assert parsed == dt.datetime(2026, 12, 4, 15, 53, 58, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("age", "days", "expected"),
+    [(181, 180, True), (180, 180, False), (179, 180, False), (2, 1, True)],
+)
+def test_is_old_needs_more_than_days(age, days, expected):
+    reference = TODAY - dt.timedelta(days=age)
+    assert rs.is_old(reference, TODAY, days) is expected
+
+
+def study_record(study_id, study_date, last_update="20261201T100000", stable=True):
+    tags = {"StudyInstanceUID": f"1.2.{study_id}", "AccessionNumber": "A1"}
+    if study_date is not None:
+        tags["StudyDate"] = study_date
+    return {
+        "ID": study_id,
+        "IsStable": stable,
+        "LastUpdate": last_update,
+        "MainDicomTags": tags,
+        "PatientMainDicomTags": {"PatientID": "P1"},
+    }
+
+
+def test_select_old_studies_sorts_oldest_first():
+    records = [
+        study_record("b", "20160101"),
+        study_record("a", "20150101"),
+        study_record("recent", "20261101"),
+        study_record("empty-recent", ""),
+        study_record("empty-old", "", last_update="20200101T000000"),
+    ]
+    selected = rs.select_old_studies(records, TODAY, 180)
+    assert [c.study_id for c in selected] == ["a", "b", "empty-old"]
+
+
+def test_select_old_studies_reports_date_source():
+    records = [study_record("x", None, last_update="20200101T000000")]
+    (candidate,) = rs.select_old_studies(records, TODAY, 180)
+    assert candidate.date_source == "LastUpdate"
+    assert candidate.study_date == ""
+    assert candidate.age_days == (TODAY - dt.date(2020, 1, 1)).days
+
+
+def candidate(last_update=NOW - dt.timedelta(days=2), stable=True) -> rs.Candidate:
+    return rs.Candidate(
+        study_id="s",
+        study_instance_uid="1.2.3",
+        patient_id="P",
+        accession_number="",
+        study_date="20150101",
+        date_source="StudyDate",
+        reference_date=dt.date(2015, 1, 1),
+        age_days=4000,
+        last_update=last_update,
+        is_stable=stable,
+    )
+
+
+def test_hold_back_unstable_study():
+    reason = rs.hold_back_reason(candidate(stable=False), NOW, 60)
+    assert "not stable" in reason
+
+
+def test_hold_back_recently_changed_study():
+    recent = candidate(last_update=NOW - dt.timedelta(minutes=10))
+    reason = rs.hold_back_reason(recent, NOW, 60)
+    assert "10 min ago" in reason
+
+
+def test_hold_back_none_for_idle_stable_study():
+    assert rs.hold_back_reason(candidate(), NOW, 60) is None
+
+
+def instance(number: int, size: int = 100) -> rs.MainInstance:
+    return rs.MainInstance(f"main-{number}", f"1.2.3.{number}", size)
+
+
+def test_missing_instances_by_sop_uid():
+    copy = rs.BackupCopy({"1.2.3.1": "b1", "1.2.3.3": "b3"}, None)
+    missing = rs.missing_instances([instance(1), instance(2), instance(3)], copy)
+    assert [i.instance_id for i in missing] == ["main-2"]
+
+
+def test_verified_instances_excludes_missing_and_mismatched():
+    copy = rs.BackupCopy({"1.2.3.1": "b1", "1.2.3.2": "b2"}, None)
+    instances = [instance(1), instance(2), instance(3)]
+    verified = rs.verified_instances(instances, copy, [instance(2)])
+    assert [i.instance_id for i in verified] == ["main-1"]
+
+
+def test_grace_remaining_while_backup_copy_is_young():
+    copy = rs.BackupCopy({}, NOW - dt.timedelta(days=1))
+    assert rs.grace_remaining(copy, 3, NOW) == dt.timedelta(days=2)
+
+
+def test_grace_remaining_none_after_grace():
+    copy = rs.BackupCopy({}, NOW - dt.timedelta(days=4))
+    assert rs.grace_remaining(copy, 3, NOW) is None
+
+
+def test_grace_remaining_none_without_grace():
+    copy = rs.BackupCopy({}, NOW)
+    assert rs.grace_remaining(copy, 0, NOW) is None
+
+
+def settings(**overrides) -> rs.Settings:
+    base = rs.Settings(
+        main=rs.ServerConfig("Main", "http://127.0.0.1:8042"),
+        backup=rs.ServerConfig("Backup", "http://127.0.0.1:8043"),
+    )
+    return rs.Settings(**{**base.__dict__, **overrides})
+
+
+def test_choose_transfer_zip_for_small_study():
+    assert rs.choose_transfer(settings(zip_max_mb=1), 1024 * 1024) == "zip"
+
+
+def test_choose_transfer_instances_for_large_study():
+    assert rs.choose_transfer(settings(zip_max_mb=1), 1024 * 1024 + 1) == "instances"
+
+
+def test_choose_transfer_instances_mode():
+    assert rs.choose_transfer(settings(transfer="instances"), 1) == "instances"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("=HYPERLINK(1)", "'=HYPERLINK(1)"),
+        ("+1", "'+1"),
+        ("-2", "'-2"),
+        ("@x", "'@x"),
+        ("a=b", "a=b"),
+        ("line\nbreak", "line break"),
+        (None, ""),
+        (12, "12"),
+    ],
+)
+def test_safe_cell(value, expected):
+    assert rs.safe_cell(value) == expected
+
+
+def test_format_row_round_trips_quotes_and_commas():
+    values = {"patient_id": 'Müller, "Hans"', "message": "a,b"}
+    row = next(csv.reader(io.StringIO(rs.format_row(values))))
+    assert len(row) == len(rs.CSV_COLUMNS)
+    assert row[rs.CSV_COLUMNS.index("patient_id")] == 'Müller, "Hans"'
+
+
+@pytest.mark.parametrize(
+    ("main_url", "backup_url"),
+    [
+        ("http://127.0.0.1:8042", "http://localhost:8042"),
+        ("http://127.0.0.1:8042", "http://127.0.0.1:8042/"),
+        ("http://LOCALHOST:8042", "http://localhost:8042"),
+        ("http://127.0.0.1:80", "http://127.0.0.1"),
+    ],
+)
+def test_same_server_by_address(main_url, backup_url):
+    main = rs.ServerConfig("Main", main_url.rstrip("/"))
+    backup = rs.ServerConfig("Backup", backup_url.rstrip("/"))
+    assert rs.same_server_reason(main, backup) is not None
+
+
+def test_same_server_by_newest_change():
+    main = rs.ServerConfig("Main", "http://127.0.0.1:8042")
+    backup = rs.ServerConfig("Backup", "http://127.0.0.2:8042")
+    change = {"Seq": 7, "ID": "x", "Date": "20261204T100000"}
+    assert rs.same_server_reason(main, backup, change, dict(change)) is not None
+
+
+def test_different_servers_pass_guard():
+    main = rs.ServerConfig("Main", "http://127.0.0.1:8042")
+    backup = rs.ServerConfig("Backup", "http://127.0.0.1:8043")
+    assert rs.same_server_reason(main, backup, {"Seq": 1}, {"Seq": 2}) is None
+
+
+def test_empty_servers_pass_guard():
+    main = rs.ServerConfig("Main", "http://127.0.0.1:8042")
+    backup = rs.ServerConfig("Backup", "http://127.0.0.1:8043")
+    assert rs.same_server_reason(main, backup, {}, {}) is None
+
+
+def test_budget_max_studies():
+    budget = rs.Budget(max_studies=2, max_bytes=None, deadline=None, started=2)
+    assert budget.exhausted(dt.datetime.now()) == "--max-studies 2"
+
+
+def test_budget_max_bytes():
+    budget = rs.Budget(None, max_bytes=1e9, deadline=None, copied_bytes=10**9)
+    assert budget.exhausted(dt.datetime.now()) == "--max-gigabytes 1"
+
+
+def test_budget_deadline():
+    deadline = dt.datetime(2026, 12, 4, 6, 0)
+    budget = rs.Budget(None, None, deadline)
+    assert budget.exhausted(deadline) == "--until 06:00"
+    assert budget.exhausted(deadline - dt.timedelta(seconds=1)) is None
+
+
+def test_run_deadline_rolls_to_next_day():
+    start = dt.datetime(2026, 12, 4, 23, 0)
+    deadline = rs.run_deadline(dt.time(6, 0), start)
+    assert deadline == dt.datetime(2026, 12, 5, 6, 0)
+
+
+def test_run_deadline_same_day():
+    start = dt.datetime(2026, 12, 4, 1, 0)
+    assert rs.run_deadline(dt.time(6, 0), start) == dt.datetime(2026, 12, 4, 6, 0)
+
+
+BASE_ENV = {
+    "ORTHANC_MAIN_URL": "http://127.0.0.1:8042",
+    "ORTHANC_BACKUP_URL": "http://127.0.0.1:8043",
+}
+
+
+def test_settings_flag_beats_environment(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loaded = rs.load_settings(["--days", "30"], {**BASE_ENV, "ROTATE_DAYS": "90"})
+    assert loaded.days == 30
+
+
+def test_settings_environment_beats_env_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path(".env").write_text("ROTATE_DAYS=60\n")
+    loaded = rs.load_settings([], {**BASE_ENV, "ROTATE_DAYS": "90"})
+    assert loaded.days == 90
+
+
+def test_settings_env_file_beats_default(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path(".env").write_text("ROTATE_DAYS=60\n")
+    assert rs.load_settings([], BASE_ENV).days == 60
+
+
+def test_settings_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    loaded = rs.load_settings([], BASE_ENV)
+    assert loaded.days == 180
+    assert loaded.log_csv == Path("log_migracion.csv")
+    assert loaded.lock_file == Path("log_migracion.csv.lock")
+    assert loaded.transfer == "zip"
+    assert loaded.verify == "sop"
+
+
+def test_settings_password_with_special_characters(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    password = "p:a#s's\"w"
+    Path(".env").write_text(
+        "ORTHANC_MAIN_USERNAME=admin\n"
+        f"ORTHANC_MAIN_PASSWORD='p:a#s\\'s\"w'\n"
+    )
+    loaded = rs.load_settings([], BASE_ENV)
+    assert loaded.main.password == password
+
+
+def test_settings_report_every_problem(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {"ORTHANC_MAIN_URL": "127.0.0.1:8042", "ROTATE_DAYS": "0"}
+    with pytest.raises(rs.ConfigError) as raised:
+        rs.load_settings(["--workers", "x"], env)
+    text = str(raised.value)
+    assert "ORTHANC_MAIN_URL='127.0.0.1:8042'" in text
+    assert "ORTHANC_BACKUP_URL is missing" in text
+    assert "ROTATE_DAYS='0'" in text
+    assert "--workers='x'" in text
+
+
+def test_settings_hide_password_in_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {**BASE_ENV, "ORTHANC_MAIN_PASSWORD": "s3cret"}
+    with pytest.raises(rs.ConfigError) as raised:
+        rs.load_settings([], env)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_settings_reject_credentials_in_url(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {**BASE_ENV, "ORTHANC_MAIN_URL": "http://user:pw@127.0.0.1:8042"}
+    with pytest.raises(rs.ConfigError) as raised:
+        rs.load_settings([], env)
+    assert "must not contain credentials" in str(raised.value)
+
+
+def test_audit_log_writes_header_once(tmp_path):
+    path = tmp_path / "log.csv"
+    for _ in range(2):
+        log = rs.AuditLog(path)
+        log.append({"status": "migrated"})
+        log.close()
+    rows = list(csv.reader(path.open(encoding="utf-8", newline="")))
+    assert rows[0] == list(rs.CSV_COLUMNS)
+    assert len(rows) == 3
+
+
+def test_audit_log_removes_torn_last_row(tmp_path):
+    path = tmp_path / "log.csv"
+    log = rs.AuditLog(path)
+    log.append({"status": "migrated"})
+    log.close()
+    with path.open("a", encoding="utf-8") as stream:
+        stream.write('2026-12-04T00:00:00+00:00,abc,"unterminated')
+    log = rs.AuditLog(path)
+    log.append({"status": "deleted"})
+    log.close()
+    rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
+    assert [row["status"] for row in rows] == ["migrated", "deleted"]
+
+
+def test_audit_log_rejects_foreign_header(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("a,b,c\n1,2,3\n")
+    with pytest.raises(rs.ConfigError):
+        rs.AuditLog(path)
