@@ -1141,6 +1141,13 @@ def decide_after_verification(
     outcome.instances_backup = len(copy.instances)
     still_missing = missing_instances(instances, copy)
     copied = upload is not None
+    if still_missing and context.stop.is_set():
+        outcome.status = SKIPPED
+        outcome.message = (
+            f"the run was asked to stop during the copy; Backup lacks "
+            f"{len(still_missing)} of {len(instances)} instances; kept on Main"
+        )
+        return outcome
     if still_missing:
         outcome.status = INCOMPLETE
         outcome.message = describe_missing(still_missing, len(instances), upload)
@@ -1196,32 +1203,50 @@ def describe_missing(
 
 
 def finish_counts(context: RunContext, candidate: Candidate, outcome: StudyOutcome):
-    """Fill in the instance counts as they are when the row is written."""
+    """Fill in the counts as they are when the row is written, as far as known.
+
+    Backup is not asked again after a failure, so that a server that is down
+    costs one timeout per study, not two.
+    """
     try:
-        outcome.instances_main = count_main_instances(context.main, candidate)
-        if not context.settings.dry_run:
+        instances = instances_still_on_main(context.main, candidate)
+        outcome.instances_main = len(instances)
+        if outcome.size_bytes == "":
+            outcome.size_bytes = sum(i.size for i in instances)
+        if outcome.instances_backup == "" and outcome.status != FAILED:
             copy = read_backup_copy(context.backup, candidate.study_instance_uid)
             outcome.instances_backup = len(copy.instances)
-    except OrthancError as error:
-        LOG.debug("could not recount %s: %s", candidate.study_id, error)
+    except (OrthancError, requests.RequestException) as error:
+        LOG.warning(
+            "could not count the instances of %s: %s", candidate.study_id, error
+        )
 
 
-def count_main_instances(main: OrthancClient, candidate: Candidate) -> int:
+def instances_still_on_main(
+    main: OrthancClient, candidate: Candidate
+) -> list[MainInstance]:
     try:
-        return len(main.study_instances(candidate.study_id))
+        return main_instances_of(main, candidate.study_id)
     except OrthancError as error:
         if error.status == 404:  # the last instance was deleted, so was the study
-            return 0
+            return []
         raise
 
 
 def process_candidate(context: RunContext, candidate: Candidate) -> StudyOutcome:
-    """Run one study and turn every error into a row; never raise past here."""
+    """Run one study and turn every error into a row; only auth errors escape."""
+    outcome = study_outcome(context, candidate)
+    if outcome.status != DRY_RUN:
+        finish_counts(context, candidate, outcome)
+    return outcome
+
+
+def study_outcome(context: RunContext, candidate: Candidate) -> StudyOutcome:
     reason = hold_back_reason(candidate, now_utc(), context.settings.min_idle_minutes)
     if reason is not None:
         return StudyOutcome(SKIPPED, reason)
     try:
-        outcome = rotate_study(context, candidate)
+        return rotate_study(context, candidate)
     except OrthancAuthError:
         raise
     except OrthancError as error:
@@ -1236,9 +1261,6 @@ def process_candidate(context: RunContext, candidate: Candidate) -> StudyOutcome
         return StudyOutcome(
             FAILED, f"transfer failed: {describe_network_error(error)}; kept on Main"
         )
-    if outcome.status not in (DRY_RUN,):
-        finish_counts(context, candidate, outcome)
-    return outcome
 
 
 # --------------------------------------------------------------------------
