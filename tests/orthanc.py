@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ ORTHANC_BINARY = "/usr/sbin/Orthanc"
 START_TIMEOUT_S = 30
 STOP_TIMEOUT_S = 15
 LOG_TAIL_LINES = 40
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def free_port() -> int:
@@ -24,6 +26,12 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this child when pytest exits, even if pytest is killed."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 def libfaketime_path() -> Path:
@@ -96,6 +104,7 @@ class OrthancServer:
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
             env=self._environment(faketime),
+            preexec_fn=_die_with_parent,
         )
         self._wait_until_ready()
 
