@@ -804,10 +804,19 @@ class MainInstance:
 
 @dataclass(frozen=True)
 class BackupCopy:
-    """What Backup holds for one StudyInstanceUID, over all its Orthanc studies."""
+    """What Backup holds for one study of Main.
+
+    Backup is searched by StudyInstanceUID. Only its studies with Main's
+    PatientID count as copies: Orthanc files the same StudyInstanceUID under
+    another PatientID as another study, and those files differ from Main's
+    at least in PatientID, so deleting Main's files on their account could
+    lose the only copy of a corrected patient identity.
+    """
 
     instances: dict[str, str]  # SOPInstanceUID -> Backup instance ID
     last_update: dt.datetime | None  # newest LastUpdate of those studies
+    total_instances: int = 0  # under any PatientID
+    other_patient_ids: tuple[str, ...] = ()
 
 
 def main_instances_of(main: OrthancClient, study_id: str) -> list[MainInstance]:
@@ -821,19 +830,29 @@ def main_instances_of(main: OrthancClient, study_id: str) -> list[MainInstance]:
     ]
 
 
-def read_backup_copy(backup: OrthancClient, study_instance_uid: str) -> BackupCopy:
-    """Ask Backup which instances it holds for this StudyInstanceUID."""
+def read_backup_copy(
+    backup: OrthancClient, study_instance_uid: str, patient_id: str
+) -> BackupCopy:
+    """Ask Backup which instances it holds for this study of Main."""
     instances: dict[str, str] = {}
     newest = None
+    total = 0
+    others = []
     for backup_study_id in backup.lookup_studies(study_instance_uid):
         study = backup.study(backup_study_id)
+        found = backup.study_instances(backup_study_id)
+        total += len(found)
+        backup_patient = study.get("PatientMainDicomTags", {}).get("PatientID", "")
+        if backup_patient != patient_id:
+            others.append(backup_patient)
+            continue
         updated = parse_last_update(study["LastUpdate"])
         newest = updated if newest is None else max(newest, updated)
-        for item in backup.study_instances(backup_study_id):
+        for item in found:
             sop = item.get("MainDicomTags", {}).get("SOPInstanceUID")
             if sop:
                 instances[sop] = item["ID"]
-    return BackupCopy(instances, newest)
+    return BackupCopy(instances, newest, total, tuple(others))
 
 
 def missing_instances(
@@ -1091,13 +1110,13 @@ def rotate_study(context: RunContext, candidate: Candidate) -> StudyOutcome:
     if not instances:
         return StudyOutcome(SKIPPED, "the study has no instances left on Main")
     size = sum(i.size for i in instances)
-    copy = read_backup_copy(backup, candidate.study_instance_uid)
+    copy = read_backup_copy(backup, candidate.study_instance_uid, candidate.patient_id)
     missing = missing_instances(instances, copy)
     outcome = StudyOutcome("", instances_main=len(instances), size_bytes=size)
 
     if settings.dry_run:
         outcome.status = DRY_RUN
-        outcome.instances_backup = len(copy.instances)
+        outcome.instances_backup = copy.total_instances
         outcome.message = describe_plan(len(missing), len(instances), settings)
         return outcome
 
@@ -1106,7 +1125,9 @@ def rotate_study(context: RunContext, candidate: Candidate) -> StudyOutcome:
         outcome.transfer = choose_transfer(settings, size)
         upload = run_transfer(context, candidate, instances, missing, outcome.transfer)
         outcome.copied_bytes = upload.copied_bytes
-        copy = read_backup_copy(backup, candidate.study_instance_uid)
+        copy = read_backup_copy(
+            backup, candidate.study_instance_uid, candidate.patient_id
+        )
     return decide_after_verification(context, instances, copy, upload, outcome)
 
 
@@ -1137,8 +1158,25 @@ def decide_after_verification(
     outcome: StudyOutcome,
 ) -> StudyOutcome:
     """Given Backup's fresh answer, delete what is verified or keep the study."""
+    outcome = apply_verification(context, instances, copy, upload, outcome)
+    if copy.other_patient_ids:
+        outcome.message += (
+            "; Backup also holds this StudyInstanceUID under PatientID "
+            + ", ".join(repr(other) for other in copy.other_patient_ids)
+            + ", which does not count as a copy"
+        )
+    return outcome
+
+
+def apply_verification(
+    context: RunContext,
+    instances: list[MainInstance],
+    copy: BackupCopy,
+    upload: UploadResult | None,
+    outcome: StudyOutcome,
+) -> StudyOutcome:
     settings = context.settings
-    outcome.instances_backup = len(copy.instances)
+    outcome.instances_backup = copy.total_instances
     still_missing = missing_instances(instances, copy)
     copied = upload is not None
     if still_missing and context.stop.is_set():
@@ -1214,8 +1252,10 @@ def finish_counts(context: RunContext, candidate: Candidate, outcome: StudyOutco
         if outcome.size_bytes == "":
             outcome.size_bytes = sum(i.size for i in instances)
         if outcome.instances_backup == "" and outcome.status != FAILED:
-            copy = read_backup_copy(context.backup, candidate.study_instance_uid)
-            outcome.instances_backup = len(copy.instances)
+            copy = read_backup_copy(
+                context.backup, candidate.study_instance_uid, candidate.patient_id
+            )
+            outcome.instances_backup = copy.total_instances
     except (OrthancError, requests.RequestException) as error:
         LOG.warning(
             "could not count the instances of %s: %s", candidate.study_id, error
