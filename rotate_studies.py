@@ -381,15 +381,18 @@ def read_env_file(path_text: str | None) -> dict[str, str]:
 def resolve_raw_values(
     args: argparse.Namespace, environ: dict[str, str], env_file: dict[str, str]
 ) -> dict[str, tuple[str, str]]:
-    """Return {dest: (source name, text)} by precedence: flag, env, .env."""
+    """Return {dest: (source name, text)} by precedence: flag, env, .env.
+
+    An empty variable counts as unset, as in the .env.example template.
+    """
     raw: dict[str, tuple[str, str]] = {}
     for option in OPTIONS:
         flag_value = getattr(args, option.dest, None) if option.flag else None
         if flag_value is not None:
             raw[option.dest] = (option.flag, flag_value)
-        elif option.env and option.env in environ:
+        elif option.env and environ.get(option.env, "").strip():
             raw[option.dest] = (option.env, environ[option.env])
-        elif option.env and option.env in env_file:
+        elif option.env and env_file.get(option.env, "").strip():
             raw[option.dest] = (option.env, env_file[option.env])
     return raw
 
