@@ -51,7 +51,7 @@ PEER_NAME = "backup"
 STUDY_DATE = "20150101"
 UPLOAD_THREADS = 4
 STABLE_TIMEOUT_S = 120
-METHODS = ("anchor", "naive", "zip", "instances", "workers", "big")
+METHODS = ("anchor", "naive", "zip", "instances", "workers", "zip-workers", "big")
 
 
 @dataclass
@@ -107,7 +107,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--workers",
         default="1,2,4,8",
-        help="comma-separated --workers values to sweep in instances mode",
+        help="comma-separated --workers values to sweep in instances and zip mode",
     )
     parser.add_argument(
         "--methods",
@@ -364,12 +364,21 @@ def measure_methods(
 
 
 def measure_workers(
-    servers: Servers, dataset: Dataset, runs_dir: Path, workers: list[int]
+    servers: Servers,
+    dataset: Dataset,
+    runs_dir: Path,
+    transfer: str,
+    workers: list[int],
 ) -> list[Measurement]:
+    """Time the tool once per --workers value.
+
+    Instances mode copies the instances of one study in parallel, and zip mode
+    copies that many studies at once.
+    """
     results = []
     for count in workers:
-        run_dir = runs_dir / f"workers-{count}"
-        run = tool_run(servers, run_dir, "instances", ["--workers", str(count)])
+        run_dir = runs_dir / f"{transfer}-workers-{count}"
+        run = tool_run(servers, run_dir, transfer, ["--workers", str(count)])
         results.append(measure(servers, dataset, run))
     return results
 
@@ -411,9 +420,11 @@ def measure_all(
     methods = measure_methods(servers, studies, runs_dir, args.methods)
     anchor = next((m.wall_s for m in methods if m.method == "anchor"), None)
     sections = [("Methods", format_table(methods, anchor))]
-    if "workers" in args.methods:
-        sweep = measure_workers(servers, studies, runs_dir, args.workers)
-        sections.append(("Workers sweep, instances mode", format_table(sweep, anchor)))
+    for method, transfer in (("workers", "instances"), ("zip-workers", "zip")):
+        if method in args.methods:
+            sweep = measure_workers(servers, studies, runs_dir, transfer, args.workers)
+            title = f"Workers sweep, {transfer} mode"
+            sections.append((title, format_table(sweep, anchor)))
     if "big" in datasets:
         big = measure_big_study(servers, datasets["big"], runs_dir, args.big_study_mb)
         sections.append(("One big study: peak RSS", format_table(big, None)))

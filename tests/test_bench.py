@@ -12,6 +12,8 @@ EXPECTED_ROWS = [
     "| rotate_studies.py --transfer instances |",
     "| rotate_studies.py --transfer instances --workers 1 |",
     "| rotate_studies.py --transfer instances --workers 2 |",
+    "| rotate_studies.py --transfer zip --workers 1 |",
+    "| rotate_studies.py --transfer zip --workers 2 |",
 ]
 
 
