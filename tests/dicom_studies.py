@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from unittest import mock
 
+from pydicom import config
 from pydicom.data import data_manager, get_testdata_files
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
     ExplicitVRLittleEndian,
@@ -17,6 +19,7 @@ from pydicom.uid import (
 )
 
 MAX_UNSIGNED_SHORT = 65535
+STUDY_DATE_TAG = 0x00080020
 
 
 @dataclass
@@ -77,7 +80,10 @@ def _study_level(study_uid, study_date, patient_id, patient_name, accession_numb
     dataset.PatientSex = ""
     dataset.StudyInstanceUID = study_uid
     if study_date is not None:
-        dataset.StudyDate = study_date
+        # Skip pydicom's DA check so malformed dates are written unchanged.
+        dataset[STUDY_DATE_TAG] = DataElement(
+            STUDY_DATE_TAG, "DA", study_date, validation_mode=config.IGNORE
+        )
     dataset.StudyTime = "120000"
     dataset.StudyID = "1"
     dataset.AccessionNumber = accession_number
