@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -18,6 +19,7 @@ ORTHANC_BINARY = "/usr/sbin/Orthanc"
 START_TIMEOUT_S = 30
 STOP_TIMEOUT_S = 15
 LOG_TAIL_LINES = 40
+PORT_ATTEMPTS = 3
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -26,6 +28,10 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+class PortInUseError(RuntimeError):
+    """Another process listens on the port chosen for an Orthanc test server."""
 
 
 def _die_with_parent() -> None:
@@ -77,6 +83,9 @@ class OrthancServer:
         self.log_path = self.directory / "orthanc.log"
         self.overrides: dict = dict(config or {})
         self.faketime: str | None = None
+        # A random suffix in Orthanc's Name identifies this server in /system.
+        self.orthanc_name = f"{name}-{secrets.token_hex(4)}"
+        self.started_once = False
         self.process: subprocess.Popen | None = None
         self.log_file = None
         self.session = requests.Session()
@@ -86,27 +95,26 @@ class OrthancServer:
     # Process control
 
     def start(self, faketime: str | None = None) -> None:
-        """Start Orthanc and wait until GET /system succeeds.
+        """Start Orthanc and wait until GET /system returns this server's Name.
 
         `faketime` is a libfaketime FAKETIME value such as "-400d", which
-        shifts the clock Orthanc uses for LastUpdate.
+        shifts the clock Orthanc uses for LastUpdate. Only the first start
+        moves to a new port when the chosen one is taken, so `url` never
+        changes across restarts.
         """
         if self.is_running():
             raise RuntimeError(f"Orthanc {self.name} is already running")
-        config = base_config(self.name, self.port, self.directory)
-        config.update(self.overrides)
-        self.config_path.write_text(json.dumps(config, indent=2))
-        self.faketime = faketime
-        self.log_file = self._open_log()
-        self.process = subprocess.Popen(
-            self._command(),
-            stdin=subprocess.DEVNULL,
-            stdout=self.log_file,
-            stderr=subprocess.STDOUT,
-            env=self._environment(faketime),
-            preexec_fn=_die_with_parent,
-        )
-        self._wait_until_ready()
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            try:
+                self._launch(faketime)
+                self.started_once = True
+                return
+            except PortInUseError:
+                self.kill()
+                if self.started_once or attempt == PORT_ATTEMPTS:
+                    raise
+                self.port = free_port()
+                self.url = f"http://127.0.0.1:{self.port}"
 
     def stop(self) -> None:
         """Stop Orthanc with SIGTERM, its clean shutdown, and wait for it to exit."""
@@ -158,22 +166,49 @@ class OrthancServer:
         log.flush()
         return log
 
+    def _launch(self, faketime: str | None) -> None:
+        config = base_config(self.orthanc_name, self.port, self.directory)
+        config.update(self.overrides)
+        self.config_path.write_text(json.dumps(config, indent=2))
+        self.faketime = faketime
+        self.log_file = self._open_log()
+        self.process = subprocess.Popen(
+            self._command(),
+            stdin=subprocess.DEVNULL,
+            stdout=self.log_file,
+            stderr=subprocess.STDOUT,
+            env=self._environment(faketime),
+            preexec_fn=_die_with_parent,
+        )
+        self._wait_until_ready()
+
     def _wait_until_ready(self) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                self._raise_start_failure(f"exited with {self.process.returncode}")
+                reason = f"exited with {self.process.returncode}"
+                if "already in use" in self.log_tail():
+                    self._raise_start_failure(reason, PortInUseError)
+                self._raise_start_failure(reason)
             try:
-                if self.session.get(self.url + "/system", timeout=1).ok:
+                response = self.session.get(self.url + "/system", timeout=1)
+            except requests.RequestException:
+                response = None
+            if response is not None and response.ok:
+                # Another process on this port must never be mistaken for
+                # this server, because wipe() would delete its data.
+                name = response.json().get("Name")
+                if name == self.orthanc_name:
                     return
-            except requests.ConnectionError:
-                pass
+                reason = f"found another server named {name!r} on its port"
+                self._raise_start_failure(reason, PortInUseError)
             time.sleep(0.1)
         self.kill()
-        self._raise_start_failure(f"did not answer /system in {START_TIMEOUT_S} s")
+        reason = f"did not respond to GET /system within {START_TIMEOUT_S} s"
+        self._raise_start_failure(reason)
 
-    def _raise_start_failure(self, reason: str) -> None:
-        raise RuntimeError(
+    def _raise_start_failure(self, reason: str, error=RuntimeError) -> None:
+        raise error(
             f"Orthanc {self.name} on port {self.port} {reason}. "
             f"Log {self.log_path} ends with:\n{self.log_tail()}"
         )
