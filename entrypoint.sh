@@ -250,22 +250,26 @@ wait_or_kill() {
 }
 
 # shellcheck disable=SC2317 # Called from the signal trap.
-# Forward signal $1 to cron and to every running job, wait for them, exit 0.
-# Cron does not pass signals on to its jobs, so run_rotation.sh records its
-# pid in RUN_DIR/job.<pid>.pid.
+# Send SIGTERM to cron and to every running job after signal $1, wait for
+# them, and exit 0. Cron does not pass signals on to its jobs, so each
+# run_rotation.sh writes its own pid and the tool's to RUN_DIR/job.<pid>.pid
+# and forwards SIGTERM to the tool. SIGTERM is sent even after SIGINT
+# because a job started in the background here ignores SIGINT.
 stop_all() {
-    local signal=$1 pids=() file pid
+    local signal=$1 signalled=() waited=() file wrapper_pid tool_pid
     trap '' TERM INT
     log "received SIG$signal: stopping cron and any running job"
-    if [[ -n $CRON_PID ]]; then pids+=("$CRON_PID"); fi
+    if [[ -n $CRON_PID ]]; then signalled+=("$CRON_PID"); fi
     for file in "$RUN_DIR"/job.*.pid; do
         [[ -e $file ]] || continue
-        pid=$(<"$file")
-        if [[ $pid =~ ^[0-9]+$ ]]; then pids+=("$pid"); fi
+        wrapper_pid="" tool_pid=""
+        { read -r wrapper_pid && read -r tool_pid; } <"$file" || true
+        if [[ ${wrapper_pid:-} =~ ^[0-9]+$ ]]; then signalled+=("$wrapper_pid"); fi
+        if [[ ${tool_pid:-} =~ ^[0-9]+$ ]]; then waited+=("$tool_pid"); fi
     done
-    if ((${#pids[@]} > 0)); then
-        kill -"$signal" "${pids[@]}" 2>/dev/null || true
-        wait_or_kill "${pids[@]}"
+    if ((${#signalled[@]} > 0)); then
+        kill -TERM "${signalled[@]}" 2>/dev/null || true
+        wait_or_kill "${signalled[@]}" "${waited[@]}"
     fi
     log "stopped"
     exit 0

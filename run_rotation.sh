@@ -98,17 +98,19 @@ wait_for_child() {
 # outcome, and exit with the tool's status.
 run_rotation() {
     local started finished status=0 tool_pid
-    PID_FILE=${RUN_DIR:-/run/pacs-rotate}/job.$$.pid
-    if [[ -d ${PID_FILE%/*} ]]; then
-        trap 'rm -f -- "$PID_FILE"' EXIT
-        printf '%s\n' "$$" >"$PID_FILE"
-    fi
     started=$(date +%s)
     log "starting rotate_studies.py as $JOB_USER (audit log: ${ROTATE_LOG_CSV:-default})"
     exec_as_job_user "$JOB_PYTHON" "$APP_DIR/rotate_studies.py" "$@" &
     tool_pid=$!
     trap 'kill -TERM "$tool_pid" 2>/dev/null || true' TERM
     trap 'kill -INT "$tool_pid" 2>/dev/null || true' INT
+    # entrypoint.sh sends SIGTERM to the first pid on container stop and
+    # kills both when they outlive JOB_STOP_TIMEOUT.
+    PID_FILE=${RUN_DIR:-/run/pacs-rotate}/job.$$.pid
+    if [[ -d ${PID_FILE%/*} ]]; then
+        trap 'rm -f -- "$PID_FILE"' EXIT
+        printf '%s\n' "$$" "$tool_pid" >"$PID_FILE"
+    fi
     wait_for_child "$tool_pid" || status=$?
     finished=$(date +%s)
     write_status "$started" "$finished" "$status"

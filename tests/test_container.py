@@ -239,6 +239,22 @@ def wait_for_file(path: Path, timeout: float, entrypoint: Entrypoint) -> None:
         time.sleep(0.5)
 
 
+def process_running(pid: int, grace: float = 2.0) -> bool:
+    """True while process `pid` still runs after `grace` seconds. A zombie
+    that awaits its reaper counts as ended."""
+    deadline = time.monotonic() + grace
+    while True:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except FileNotFoundError:
+            return False
+        if "\nState:\tZ" in status:
+            return False
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.1)
+
+
 def other_cron_pids() -> list[str]:
     result = subprocess.run(
         ["pgrep", "-x", "cron"], check=False, capture_output=True, text=True
@@ -324,7 +340,7 @@ def test_entrypoint_cron_minute_run(main, backup, sandbox, tmp_path, job_identit
     assert exit_status == 0
     assert stop_seconds < STOP_TIMEOUT_S
     assert "received SIGTERM" in stdout
-    assert not Path(f"/proc/{cron_pid}").exists()
+    assert not process_running(cron_pid)
     assert not cron_file.exists()
     assert not env_file.exists()
 
@@ -368,9 +384,11 @@ def write_fake_tool(sandbox: Path) -> Path:
 out="$LOG_DIR/fake-tool"
 if [[ " $* " == *" --check "* ]]; then exit 0; fi
 id -u >"$out.uid"
+echo $$ >"$out.pid"
 printf %s "$PACS_ROTATE_TEST_VALUE" >"$out.value"
 echo "fake tool stdout"
 echo "fake tool stderr" >&2
+if [[ -n ${FAKE_TOOL_IGNORE_TERM:-} ]]; then trap '' TERM; exec sleep 60; fi
 trap 'echo TERM >"$out.signal"; kill "$sleeper"; exit 143' TERM
 sleep 60 &
 sleeper=$!
@@ -382,8 +400,9 @@ wait "$sleeper"
 
 
 @requires_root
-def test_entrypoint_drops_privileges(sandbox):
-    """RUN_ON_START runs the job as nobody, and SIGTERM reaches the job."""
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
+def test_entrypoint_drops_privileges(sandbox, stop_signal):
+    """RUN_ON_START runs the job as nobody, and SIGTERM or SIGINT stops it."""
     logs = sandbox / "audit logs"
     env = base_env(
         sandbox,
@@ -398,7 +417,7 @@ def test_entrypoint_drops_privileges(sandbox):
     try:
         entrypoint.wait_for_stdout("fake tool stdout", STARTUP_TIMEOUT_S)
         stop_started = time.monotonic()
-        entrypoint.process.send_signal(signal.SIGTERM)
+        entrypoint.process.send_signal(stop_signal)
         exit_status = entrypoint.wait(STOP_TIMEOUT_S)
         stop_seconds = time.monotonic() - stop_started
     finally:
@@ -410,8 +429,35 @@ def test_entrypoint_drops_privileges(sandbox):
     assert read_status(logs / "last_run.status")["exit_status"] == "143"
     assert exit_status == 0
     assert stop_seconds < STOP_TIMEOUT_S
+    assert f"received {stop_signal.name}" in entrypoint.stdout
     assert not (sandbox / "cron.d" / "pacs-rotate").exists()
     assert list((sandbox / "run").glob("job.*.pid")) == []
+
+
+@requires_root
+def test_entrypoint_kills_stuck_job(sandbox):
+    """A job that ignores SIGTERM is killed after JOB_STOP_TIMEOUT."""
+    env = base_env(
+        sandbox,
+        ORTHANC_MAIN_URL="http://127.0.0.1:9",
+        ORTHANC_BACKUP_URL="http://127.0.0.1:9",
+        JOB_USER=NOBODY,
+        JOB_PYTHON=write_fake_tool(sandbox),
+        JOB_STOP_TIMEOUT=1,
+        RUN_ON_START=1,
+        FAKE_TOOL_IGNORE_TERM=1,
+    )
+    entrypoint = Entrypoint(env)
+    try:
+        entrypoint.wait_for_stdout("fake tool stdout", STARTUP_TIMEOUT_S)
+        tool_pid = int((sandbox / "audit logs" / "fake-tool.pid").read_text())
+        entrypoint.process.send_signal(signal.SIGTERM)
+        exit_status = entrypoint.wait(STOP_TIMEOUT_S)
+    finally:
+        entrypoint.kill_all()
+    assert exit_status == 0
+    assert "killing processes still running after 1s" in entrypoint.stdout
+    assert not process_running(tool_pid)
 
 
 @requires_root
