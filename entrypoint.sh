@@ -48,7 +48,6 @@ readonly ENV_FILE=$RUN_DIR/job.env
 readonly JOB_SCRIPT=$APP_DIR/run_rotation.sh
 
 CRON_PID=""
-START_JOB_PID=""
 CRON_FILE_INSTALLED=0
 
 # Print a timestamped message on stdout.
@@ -184,12 +183,11 @@ check_configuration() {
 # Run the rotation once in the background and wait for it, so that SIGTERM
 # still reaches the trap while it runs.
 run_once_now() {
-    local status=0
+    local status=0 job_pid
     log "RUN_ON_START is set: running the rotation once before cron starts"
     "$JOB_SCRIPT" --env-file "$ENV_FILE" &
-    START_JOB_PID=$!
-    wait_for_child "$START_JOB_PID" || status=$?
-    START_JOB_PID=""
+    job_pid=$!
+    wait_for_child "$job_pid" || status=$?
     log "the run at start ended with exit status $status"
 }
 
