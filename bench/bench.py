@@ -434,7 +434,7 @@ def measure_all(
 def main(argv: list[str]) -> int:
     args = parse_args(argv)
     check_prerequisites(args)
-    machine = describe_machine(Path(sys.executable))
+    machine = describe_machine(Path(sys.executable), TOOL)
     work_dir = Path(tempfile.mkdtemp(prefix="pacs-rotate-bench-"))
     try:
         sections = run_benchmark(args, work_dir, machine)

@@ -39,6 +39,7 @@ class Machine:
     memory_gib: float
     python_version: str
     orthanc_version: str
+    tool_revision: str
     load_before: tuple[float, float, float]
     other_orthanc_processes: int
 
@@ -47,17 +48,36 @@ class Machine:
         return self.load_before[0] >= 0.5 or self.other_orthanc_processes > 0
 
 
-def describe_machine(python: Path) -> Machine:
+def describe_machine(python: Path, tool: Path) -> Machine:
     """Collect CPU, memory, versions and the load left by other jobs."""
     return Machine(
         cpu_model=read_cpu_model(),
         cpu_count=os.cpu_count() or 0,
         memory_gib=read_memory_kib() / MIB,
-        python_version=run_text([str(python), "--version"]),
+        python_version=run_text([str(python), "--version"]).removeprefix("Python "),
         orthanc_version="",
+        tool_revision=describe_tool(python, tool),
         load_before=os.getloadavg(),
         other_orthanc_processes=count_processes("Orthanc"),
     )
+
+
+def describe_tool(python: Path, tool: Path) -> str:
+    """Return the tool's last commit, whether it has local changes, and --workers."""
+    if not tool.exists():
+        return "not present"
+    git = ["git", "-C", str(tool.parent)]
+    commit = run_text([*git, "log", "-1", "--format=%h", "--", tool.name])
+    changed = subprocess.run(
+        [*git, "diff", "--quiet", "HEAD", "--", tool.name], check=False
+    ).returncode
+    state = "with uncommitted changes" if changed else "unchanged since then"
+    help_text = run_text([str(python), str(tool), "--help"])
+    # Match the option's own help entry, which starts a line, not the usage line.
+    pattern = r"^\s+--workers N\s.*?\(default (\d+)\)"
+    workers = re.search(pattern, help_text, re.MULTILINE | re.DOTALL)
+    default = workers.group(1) if workers else "unknown"
+    return f"last committed in {commit}, {state}; default --workers {default}"
 
 
 def read_cpu_model() -> str:
@@ -115,6 +135,7 @@ def format_machine(machine: Machine) -> str:
         f"- Memory: {machine.memory_gib:.1f} GiB",
         f"- Orthanc: {machine.orthanc_version} (Debian package)",
         f"- Python: {machine.python_version}",
+        f"- rotate_studies.py: {machine.tool_revision}",
         f"- Load average (1, 5, 15 min) before the benchmark servers started: {load}",
         f"- Other Orthanc processes running at the start: "
         f"{machine.other_orthanc_processes}",
@@ -168,6 +189,8 @@ aborts otherwise.
   `DELETE /studies/{id}` on Main. No verification either.
 - `rotate_studies.py --transfer ...`: the full rotation (transfer, verify every
   SOPInstanceUID on Backup, delete from Main, write the CSV row).
+- One big study: the zip row passes `--zip-max-mb` at twice the study size,
+  because a study just over 1024 MiB would otherwise go instance by instance.
 
 Columns: `transfer` is the value of the CSV column `transfer` for the tool (the
 method itself for the baselines). `wall s` includes the client's interpreter
