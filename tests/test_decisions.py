@@ -309,10 +309,8 @@ def test_settings_defaults(tmp_path, monkeypatch):
 def test_settings_password_with_special_characters(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     password = "p:a#s's\"w"
-    Path(".env").write_text(
-        "ORTHANC_MAIN_USERNAME=admin\n"
-        f"ORTHANC_MAIN_PASSWORD='p:a#s\\'s\"w'\n"
-    )
+    env_text = "ORTHANC_MAIN_USERNAME=admin\nORTHANC_MAIN_PASSWORD='p:a#s\\'s\"w'\n"
+    Path(".env").write_text(env_text)
     loaded = rs.load_settings([], BASE_ENV)
     assert loaded.main.password == password
 
