@@ -21,6 +21,10 @@ install_debian_packages() {
       missing+=("$package")
     fi
   done
+  # python3 -m venv needs ensurepip, which Debian ships in python3-venv.
+  if ! python3 -c "import ensurepip" 2>/dev/null; then
+    missing+=(python3-venv)
+  fi
   [[ ${#missing[@]} -eq 0 ]] && return 0
   echo "Installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq
@@ -34,10 +38,7 @@ install_python_venv() {
   local venv=$1 requirements=() file
   shift
   if [[ ! -x "$venv/bin/python" ]]; then
-    python3 -m venv "$venv" || {
-      echo "error: python3 -m venv failed; install Debian's python3-venv" >&2
-      return 1
-    }
+    python3 -m venv "$venv"
   fi
   for file in "$@"; do
     requirements+=(-r "$file")

@@ -17,46 +17,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 DEBIAN_PACKAGES=(orthanc faketime cron shellcheck time)
 VENV_DIR=.venv
 
-as_root() {
-    if [[ $EUID -eq 0 ]]; then
-        "$@"
-    else
-        sudo "$@"
-    fi
-}
-
-missing_debian_packages() {
-    local package
-    for package in "$@"; do
-        if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "ok installed"; then
-            echo "$package"
-        fi
-    done
-}
-
-install_debian_packages() {
-    local missing
-    mapfile -t missing < <(missing_debian_packages "${DEBIAN_PACKAGES[@]}")
-    # python3 -m venv needs ensurepip, which Debian ships in python3-venv.
-    if ! python3 -c "import ensurepip" 2>/dev/null; then
-        missing+=(python3-venv)
-    fi
-    if [[ ${#missing[@]} -eq 0 ]]; then
-        return
-    fi
-    echo "Installing Debian packages: ${missing[*]}" >&2
-    as_root apt-get update
-    as_root env DEBIAN_FRONTEND=noninteractive \
-        apt-get install -y --no-install-recommends "${missing[@]}"
-}
-
-install_python_packages() {
-    if [[ ! -x $VENV_DIR/bin/python ]]; then
-        python3 -m venv "$VENV_DIR"
-    fi
-    "$VENV_DIR/bin/python" -m pip install --quiet --disable-pip-version-check \
-        -r requirements.txt -r requirements-test.txt
-}
+# shellcheck source=scripts/install.sh
+source scripts/install.sh
 
 shell_scripts() {
     if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
@@ -79,8 +41,8 @@ run_linters() {
     fi
 }
 
-install_debian_packages
-install_python_packages
+install_debian_packages "${DEBIAN_PACKAGES[@]}"
+install_python_venv "$VENV_DIR" requirements.txt requirements-test.txt
 PATH="$PWD/$VENV_DIR/bin:$PATH"
 export PATH
 run_linters
