@@ -1,5 +1,5 @@
 # pacs-rotate: runs rotate_studies.py on a cron schedule and writes the audit
-# log to the volume /app/logs. See docs/docker.md.
+# log to the volume /app/logs. See the Docker section of README.md.
 FROM python:3.11-slim-bookworm
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
