@@ -729,7 +729,7 @@ def reference_date(
 
 
 def is_old(reference: dt.date, today: dt.date, days: int) -> bool:
-    """A study is old when its reference date is more than `days` days ago."""
+    """Return True when the reference date is more than `days` days before today."""
     return (today - reference).days > days
 
 
@@ -809,11 +809,11 @@ class MainInstance:
 class BackupCopy:
     """What Backup holds for one study of Main.
 
-    Backup is searched by StudyInstanceUID. Only its studies with Main's
-    PatientID count as copies: Orthanc files the same StudyInstanceUID under
+    Backup is searched by StudyInstanceUID, but only its studies with Main's
+    PatientID count as copies. Orthanc files the same StudyInstanceUID under
     another PatientID as another study, and those files differ from Main's
-    at least in PatientID, so deleting Main's files on their account could
-    lose the only copy of a corrected patient identity.
+    at least in PatientID. Deleting Main's files on their account could lose
+    the only copy of a corrected patient identity.
     """
 
     instances: dict[str, str]  # SOPInstanceUID -> Backup instance ID
@@ -913,7 +913,7 @@ def grace_remaining(
 
 @dataclass
 class UploadResult:
-    """What Backup said about the files it received (it is checked again later)."""
+    """Backup's per-file upload statuses; Backup is queried again to verify."""
 
     copied_bytes: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
@@ -1066,7 +1066,7 @@ def delete_verified(main: OrthancClient, verified: list[MainInstance]) -> None:
 
 @dataclass
 class StudyOutcome:
-    """What happened to one study; becomes one CSV row."""
+    """The result of one study, written as one CSV row."""
 
     status: str
     message: str = ""
