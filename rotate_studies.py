@@ -676,7 +676,7 @@ def same_server_reason(
 # --------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Candidate:
     """A study on Main with the facts that decide whether it is old."""
 
@@ -756,9 +756,13 @@ def select_old_studies(
     studies: Iterable[dict], today: dt.date, days: int
 ) -> list[Candidate]:
     """Return the old studies among Orthanc study records, oldest first."""
-    candidates = [candidate_from_study(study, today) for study in studies]
+    candidates = (candidate_from_study(study, today) for study in studies)
     old = [c for c in candidates if is_old(c.reference_date, today, days)]
-    return sorted(old, key=lambda c: (c.reference_date, c.study_id))
+    return sorted(old, key=oldest_first)
+
+
+def oldest_first(candidate: Candidate) -> tuple[dt.date, str]:
+    return candidate.reference_date, candidate.study_id
 
 
 def hold_back_reason(
@@ -777,8 +781,8 @@ def hold_back_reason(
     return None
 
 
-def list_all_studies(main: OrthancClient) -> Iterator[dict]:
-    """Yield every study record on Main, page by page.
+def study_pages(main: OrthancClient) -> Iterator[list[dict]]:
+    """Yield every study record on Main, a page at a time.
 
     GET /studies?expand is used instead of /tools/find because the server's
     LimitFindResults silently caps /tools/find. Paging uses an offset, so the
@@ -787,7 +791,7 @@ def list_all_studies(main: OrthancClient) -> Iterator[dict]:
     since = 0
     while True:
         page = main.studies_page(since, PAGE_SIZE)
-        yield from page
+        yield page
         if len(page) < PAGE_SIZE:
             return
         since += len(page)
@@ -1584,14 +1588,22 @@ def preflight(settings: Settings, main: OrthancClient, backup: OrthancClient):
 
 
 def plan_run(main: OrthancClient, settings: Settings) -> list[Candidate]:
+    """Read every study on Main and return the old ones, oldest first.
+
+    Only the old studies of each page are kept, so that planning over a
+    large Main holds one page of study records at a time.
+    """
     today = dt.date.today()
-    studies = list(list_all_studies(main))
-    old = select_old_studies(studies, today, settings.days)
+    total = 0
+    old: list[Candidate] = []
+    for page in study_pages(main):
+        total += len(page)
+        old += select_old_studies(page, today, settings.days)
     LOG.info(
         "Main holds %d studies; %d are older than %d days",
-        len(studies), len(old), settings.days,
+        total, len(old), settings.days,
     )  # fmt: skip
-    return old
+    return sorted(old, key=oldest_first)
 
 
 class Rotation:
