@@ -10,6 +10,7 @@ import sys
 
 from conftest import TOOL
 from dicom_studies import write_study
+from faultproxy import FaultProxy
 
 OLD_DATE = "20150101"
 
@@ -186,3 +187,31 @@ def read_terminal(controller: int) -> str:
         chunks.append(data)
     os.close(controller)
     return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_planning_skips_recent_studies(main, tmp_path, run_rotate, read_log, log_csv):
+    """Planning reads study records in pages: a recent study costs no request."""
+    recent = (dt.date.today() - dt.timedelta(days=3)).strftime("%Y%m%d")
+    for index in range(120):
+        study = write_study(
+            tmp_path / f"recent{index}", study_date=recent, patient_id=f"R{index}",
+            instances=1, pixel_bytes=16,
+        )  # fmt: skip
+        main.upload(study.paths[0])
+    load(main, old_studies(tmp_path, 2))
+    recent_ids = set(main.study_ids()) - set(old_study_ids(main))
+    with FaultProxy(main.url) as proxy:
+        result = run_rotate(env={"ORTHANC_MAIN_URL": proxy.url})
+        targets = [record.target for record in proxy.requests]
+    assert result.returncode == 0, result.stderr
+    assert len(read_log(log_csv)) == 2
+    assert not [t for t in targets if any(i in t for i in recent_ids)]
+    assert proxy.count("GET", r"^/studies\?") == 1
+
+
+def old_study_ids(server) -> list[str]:
+    return [
+        study["ID"]
+        for study in server.get_json("/studies", expand="")
+        if study["MainDicomTags"].get("StudyDate") == OLD_DATE
+    ]
