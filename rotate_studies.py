@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import dotenv.parser
 import requests
 from dotenv import dotenv_values
 
@@ -124,6 +125,10 @@ class OrthancUnreachable(OrthancError):
 
 class OrthancAuthError(OrthancError):
     """The server rejected the credentials (HTTP 401 or 403)."""
+
+
+class SameServerError(Exception):
+    """Main and Backup turned out to store the same files: one server."""
 
 
 class StopRequested(Exception):
@@ -359,7 +364,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_env_file(path_text: str | None) -> dict[str, str]:
-    """Read the .env file; a missing default file is fine, a named one is not."""
+    """Read the .env file; a missing default file is fine, a named one is not.
+
+    Values are taken literally: ``$`` in a password is not expanded.
+    """
     path = Path(path_text) if path_text else Path(".env")
     if path_text is None and not path.exists():
         return {}
@@ -367,15 +375,35 @@ def read_env_file(path_text: str | None) -> dict[str, str]:
     if not path.is_file():
         raise ConfigError([f"{origin}: file not found; create it or fix the path"])
     try:
-        with path.open(encoding="utf-8") as stream:
-            values = dotenv_values(stream=stream)
+        text = path.read_text(encoding="utf-8-sig")
     except OSError as error:
         raise ConfigError(
             [f"{origin}: cannot be read ({error.strerror}); fix its permissions"]
         ) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{origin}: is not UTF-8 text; save it as UTF-8"]) from None
+    # python-dotenv skips a line it cannot parse with a warning that names no
+    # file, which would silently drop a setting such as a password.
+    problems = [
+        f"{origin}: line {line} is not NAME=value (an unclosed quote?); "
+        "fix or remove it"
+        for line in unparsable_env_lines(text)
+    ]
+    if problems:
+        raise ConfigError(problems)
+    values = dotenv_values(stream=io.StringIO(text), interpolate=False)
     return {key: value for key, value in values.items() if value is not None}
+
+
+def unparsable_env_lines(text: str) -> list[int]:
+    """Return the line numbers of .env lines that python-dotenv cannot parse."""
+    lines = []
+    for binding in dotenv.parser.parse_stream(io.StringIO(text)):
+        if binding.error:
+            original = binding.original
+            blank = len(original.string) - len(original.string.lstrip("\r\n"))
+            lines.append(original.line + original.string[:blank].count("\n"))
+    return lines
 
 
 def resolve_raw_values(
@@ -807,6 +835,7 @@ class MainInstance:
     instance_id: str
     sop_instance_uid: str
     size: int
+    file_uuid: str = ""  # Orthanc's random ID of the stored file
 
 
 @dataclass(frozen=True)
@@ -824,6 +853,7 @@ class BackupCopy:
     last_update: dt.datetime | None  # newest LastUpdate of those studies
     total_instances: int = 0  # under any PatientID
     other_patient_ids: tuple[str, ...] = ()
+    file_uuids: frozenset[str] = frozenset()  # stored-file IDs, any PatientID
 
 
 def main_instances_of(main: OrthancClient, study_id: str) -> list[MainInstance]:
@@ -832,6 +862,7 @@ def main_instances_of(main: OrthancClient, study_id: str) -> list[MainInstance]:
             instance_id=item["ID"],
             sop_instance_uid=item.get("MainDicomTags", {}).get("SOPInstanceUID", ""),
             size=int(item.get("FileSize", 0)),
+            file_uuid=item.get("FileUuid", ""),
         )
         for item in main.study_instances(study_id)
     ]
@@ -845,10 +876,12 @@ def read_backup_copy(
     newest = None
     total = 0
     others = []
+    file_uuids = set()
     for backup_study_id in backup.lookup_studies(study_instance_uid):
         study = backup.study(backup_study_id)
         found = backup.study_instances(backup_study_id)
         total += len(found)
+        file_uuids.update(item.get("FileUuid", "") for item in found)
         backup_patient = study.get("PatientMainDicomTags", {}).get("PatientID", "")
         if backup_patient != patient_id:
             others.append(backup_patient)
@@ -859,7 +892,8 @@ def read_backup_copy(
             sop = item.get("MainDicomTags", {}).get("SOPInstanceUID")
             if sop:
                 instances[sop] = item["ID"]
-    return BackupCopy(instances, newest, total, tuple(others))
+    file_uuids.discard("")
+    return BackupCopy(instances, newest, total, tuple(others), frozenset(file_uuids))
 
 
 def missing_instances(
@@ -885,6 +919,18 @@ def md5_mismatches(
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         flags = list(pool.map(differs, present))
     return [instance for instance, flag in zip(present, flags, strict=True) if flag]
+
+
+def shared_files(
+    main_instances: list[MainInstance], copy: BackupCopy
+) -> list[MainInstance]:
+    """Return the instances whose stored file Backup lists under the same ID.
+
+    Orthanc names each stored file with a random UUID, so two servers list
+    the same FileUuid only when they are one server (or share one storage),
+    also when the two URLs look unrelated, for example through a proxy.
+    """
+    return [i for i in main_instances if i.file_uuid and i.file_uuid in copy.file_uuids]
 
 
 def verified_instances(
@@ -1088,6 +1134,7 @@ class RunContext:
     main: OrthancClient
     backup: OrthancClient
     stop: threading.Event
+    fatal_errors: list[str] = field(default_factory=list)  # end the run, exit 2
 
 
 def choose_transfer(settings: Settings, study_bytes: int) -> str:
@@ -1197,6 +1244,13 @@ def apply_verification(
         outcome.status = INCOMPLETE
         outcome.message = describe_missing(still_missing, len(instances), upload)
         return outcome
+    shared = shared_files(instances, copy)
+    if shared:
+        raise SameServerError(
+            f"Main and Backup list the same stored file {shared[0].file_uuid} for "
+            f"instance {shared[0].instance_id}, so they are one server or share "
+            "one storage; point ORTHANC_BACKUP_URL at the backup server"
+        )
 
     mismatched = []
     if settings.verify == "md5":
@@ -1296,6 +1350,10 @@ def study_outcome(context: RunContext, candidate: Candidate) -> StudyOutcome:
         return rotate_study(context, candidate)
     except OrthancAuthError:
         raise
+    except SameServerError as error:
+        context.fatal_errors.append(str(error))
+        context.stop.set()
+        return StudyOutcome(FAILED, f"{error}; kept on Main")
     except OrthancError as error:
         if error.status == 404 and error.server == "Main":
             return StudyOutcome(SKIPPED, f"the study is no longer on Main ({error})")
@@ -1654,6 +1712,8 @@ class Rotation:
         return self.summary
 
     def stop_reason(self) -> str | None:
+        if self.context.fatal_errors:
+            return "the same-server guard"
         if self.context.stop.is_set():
             return "a stop signal"
         with self.lock:
@@ -1765,6 +1825,10 @@ def run_rotation(settings: Settings, stop: threading.Event) -> int:
         print(summary.text(time.monotonic() - started, len(candidates)))
     finally:
         log.close()
+    for error in context.fatal_errors:
+        print(f"error: {error}; nothing more was deleted.", file=sys.stderr)
+    if context.fatal_errors:
+        return EXIT_CONFIG
     if backup_system is None or summary.has_problems():
         return EXIT_STUDY_PROBLEM
     return EXIT_OK

@@ -373,3 +373,36 @@ def test_audit_log_rejects_foreign_header(tmp_path):
     path.write_text("a,b,c\n1,2,3\n")
     with pytest.raises(rs.ConfigError):
         rs.AuditLog(path)
+
+
+def test_shared_files_detects_one_storage():
+    main_instance = rs.MainInstance("m1", "1.2.3.1", 10, file_uuid="uuid-1")
+    copy = rs.BackupCopy({"1.2.3.1": "m1"}, None, file_uuids=frozenset({"uuid-1"}))
+    assert rs.shared_files([main_instance], copy) == [main_instance]
+
+
+def test_shared_files_empty_for_separate_storage():
+    main_instance = rs.MainInstance("m1", "1.2.3.1", 10, file_uuid="uuid-1")
+    copy = rs.BackupCopy({"1.2.3.1": "b1"}, None, file_uuids=frozenset({"uuid-2"}))
+    assert rs.shared_files([main_instance], copy) == []
+
+
+def test_unparsable_env_lines_numbers():
+    text = "A=1\n\nB='unclosed\nC=3\n"
+    assert rs.unparsable_env_lines(text) == [3]
+
+
+def test_settings_reject_unparsable_env_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path(".env").write_text('ORTHANC_MAIN_PASSWORD="unclosed\n')
+    with pytest.raises(rs.ConfigError) as raised:
+        rs.load_settings([], BASE_ENV)
+    assert ".env: line 1 is not NAME=value" in str(raised.value)
+
+
+def test_settings_keep_dollar_in_env_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path(".env").write_text(
+        "ORTHANC_MAIN_USERNAME=u\nORTHANC_MAIN_PASSWORD=a${HOME}b\n"
+    )
+    assert rs.load_settings([], BASE_ENV).main.password == "a${HOME}b"
