@@ -426,8 +426,23 @@ def resolve_raw_values(
 
 
 def describe_bad_value(option: Option, source: str, text: str, reason: str) -> str:
-    shown = "(hidden)" if option.dest.endswith("password") else repr(text)
+    if option.dest.endswith("password"):
+        shown = "(hidden)"
+    elif option.dest.endswith("url"):
+        shown = repr(redact_url(text))
+    else:
+        shown = repr(text)
     return f"{source}={shown}: {reason}"
+
+
+def redact_url(text: str) -> str:
+    """Replace the password in a URL's user:password@ part with ***."""
+    scheme, separator, rest = text.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not separator or not at:
+        return text
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
 
 
 def load_settings(argv: list[str], environ: dict[str, str]) -> Settings:

@@ -346,17 +346,20 @@ def test_entrypoint_cron_minute_run(main, backup, sandbox, tmp_path, job_identit
 
 
 @requires_root
-def test_entrypoint_check_failure(backup, sandbox):
+def test_entrypoint_check_failure(backup, sandbox, job_identity):
+    job_user, job_python, job_extra_env = job_identity
     closed_port = free_port()
     env = base_env(
         sandbox,
+        **job_extra_env,
+        JOB_PYTHON=job_python,
         ORTHANC_MAIN_URL=f"http://127.0.0.1:{closed_port}",
         ORTHANC_MAIN_USERNAME="admin",
         ORTHANC_MAIN_PASSWORD=TRICKY_VALUE,
         ORTHANC_BACKUP_URL=f"http://admin:url-secret@{backup.url[len('http://') :]}",
         ROTATE_RETRIES=0,
         ROTATE_CONNECT_TIMEOUT=2,
-        JOB_USER=NOBODY,
+        JOB_USER=job_user,
     )
     entrypoint = Entrypoint(env)
     try:

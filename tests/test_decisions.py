@@ -406,3 +406,12 @@ def test_settings_keep_dollar_in_env_file(tmp_path, monkeypatch):
         "ORTHANC_MAIN_USERNAME=u\nORTHANC_MAIN_PASSWORD=a${HOME}b\n"
     )
     assert rs.load_settings([], BASE_ENV).main.password == "a${HOME}b"
+
+
+def test_settings_hide_password_in_url_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {**BASE_ENV, "ORTHANC_BACKUP_URL": "http://admin:s3cret@127.0.0.1:8043"}
+    with pytest.raises(rs.ConfigError) as raised:
+        rs.load_settings([], env)
+    assert "s3cret" not in str(raised.value)
+    assert "http://admin:***@127.0.0.1:8043" in str(raised.value)
