@@ -17,6 +17,8 @@ from orthanc import OrthancServer
 
 TOOL = Path(__file__).resolve().parent.parent / "rotate_studies.py"
 
+# The audit CSV columns in their documented order, written out here rather
+# than imported from the tool so that a change to the tool cannot pass unseen.
 CSV_COLUMNS = [
     "timestamp",
     "run_id",

@@ -8,25 +8,8 @@ import re
 
 import pytest
 from dicom_studies import pydicom_sample_files, write_study
+from guarantees import CSV_COLUMNS
 
-CSV_COLUMNS = [
-    "timestamp",
-    "run_id",
-    "study_id",
-    "study_instance_uid",
-    "patient_id",
-    "accession_number",
-    "study_date",
-    "date_source",
-    "age_days",
-    "instances_main",
-    "instances_backup",
-    "size_bytes",
-    "transfer",
-    "status",
-    "duration_s",
-    "message",
-]
 OLD_DATE = "20200101"
 # Days since upload for studies whose age must come from LastUpdate. It is
 # well past the default ROTATE_DAYS of 180.

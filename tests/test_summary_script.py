@@ -8,26 +8,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from guarantees import CSV_COLUMNS as COLUMNS
 
 SCRIPT = Path(__file__).resolve().parent.parent / "resumen_csv.sh"
-COLUMNS = [
-    "timestamp",
-    "run_id",
-    "study_id",
-    "study_instance_uid",
-    "patient_id",
-    "accession_number",
-    "study_date",
-    "date_source",
-    "age_days",
-    "instances_main",
-    "instances_backup",
-    "size_bytes",
-    "transfer",
-    "status",
-    "duration_s",
-    "message",
-]
 # A quoted message whose second line looks like a whole audit row: a parser
 # that splits records at line breaks counts an extra study on 2024-01-01.
 FAKE_ROW_MESSAGE = (
