@@ -1246,74 +1246,100 @@ def apply_verification(
 ) -> StudyOutcome:
     settings = context.settings
     outcome.instances_backup = copy.total_instances
-    still_missing = missing_instances(instances, copy)
-    copied = upload is not None
-    if still_missing and context.stop.is_set():
-        outcome.status = SKIPPED
-        outcome.message = (
-            f"the run was asked to stop during the copy; Backup lacks "
-            f"{len(still_missing)} of {len(instances)} instances; kept on Main"
-        )
-        return outcome
-    if still_missing:
-        outcome.status = INCOMPLETE
-        outcome.message = describe_missing(still_missing, len(instances), upload)
-        return outcome
+    complete = not missing_instances(instances, copy)
     shared = shared_files(instances, copy)
     if shared:
         raise SameServerError(
-            f"Main and Backup list the same stored file {shared[0].file_uuid} for "
-            f"instance {shared[0].instance_id}, so they are one server or share "
-            "one storage; point ORTHANC_BACKUP_URL at the backup server"
+            f"Main and Backup list the same stored file {shared[0].file_uuid} "
+            f"for instance {shared[0].instance_id}, so they are one server or "
+            "share one storage; point ORTHANC_BACKUP_URL at the backup server"
         )
-
     mismatched = []
-    if settings.verify == "md5":
+    if complete and settings.verify == "md5":
         mismatched = md5_mismatches(
             context.main, context.backup, instances, copy, settings.workers
         )
-    if mismatched:
-        outcome.status = INCOMPLETE
-        outcome.message = (
-            f"{len(mismatched)} of {len(instances)} instances have a different "
-            "MD5 on Backup; kept on Main"
-        )
-        return outcome
-
-    verified = verified_instances(instances, copy, mismatched)
-    check = "SOPInstanceUID and MD5" if settings.verify == "md5" else "SOPInstanceUID"
-    done = f"{len(verified)} instances verified on Backup by {check}"
-    if settings.no_delete:
-        outcome.status = TRANSFERRED if copied else SKIPPED
-        outcome.message = f"{done}; kept on Main (--no-delete)"
-        return outcome
-    remaining = grace_remaining(copy, settings.grace_days, now_utc())
-    if remaining is not None:
-        outcome.status = TRANSFERRED if copied else SKIPPED
-        outcome.message = (
-            f"{done}; kept on Main for {format_duration(remaining)} more "
-            f"(grace period of {settings.grace_days} days on Backup)"
-        )
-        return outcome
-    if context.stop.is_set():
-        outcome.status = TRANSFERRED if copied else SKIPPED
-        outcome.message = f"{done}; kept on Main because the run was asked to stop"
-        return outcome
-
-    delete_verified(context.main, verified)
-    outcome.freed_bytes = sum(i.size for i in verified)
-    outcome.status = MIGRATED if copied else DELETED
-    outcome.message = f"{done}; deleted {len(verified)} from Main"
+    verdict = judge_copy(
+        instances,
+        copy,
+        mismatched,
+        settings,
+        copied=upload is not None,
+        stopping=context.stop.is_set(),
+        now=now_utc(),
+    )
+    outcome.status = verdict.status
+    outcome.message = verdict.message
+    if verdict.status == INCOMPLETE and upload is not None and upload.problems():
+        outcome.message += f" (Backup's upload statuses: {upload.problems()})"
+    if verdict.delete:
+        delete_verified(context.main, verdict.delete)
+        outcome.freed_bytes = sum(i.size for i in verdict.delete)
     return outcome
 
 
-def describe_missing(
-    still_missing: list[MainInstance], total: int, upload: UploadResult | None
-) -> str:
-    message = f"Backup lacks {len(still_missing)} of {total} instances after the copy"
-    if upload is not None and upload.problems():
-        message += f" (Backup answered: {upload.problems()})"
-    return message + "; kept on Main"
+@dataclass(frozen=True)
+class Verdict:
+    """What to do with a study once Backup has been asked about it."""
+
+    status: str
+    message: str
+    delete: list[MainInstance] = field(default_factory=list)
+
+
+def judge_copy(
+    instances: list[MainInstance],
+    copy: BackupCopy,
+    mismatched: list[MainInstance],
+    settings: Settings,
+    *,
+    copied: bool,
+    stopping: bool,
+    now: dt.datetime,
+) -> Verdict:
+    """Decide, from Backup's fresh answer, whether the study may leave Main.
+
+    Only a study that Backup holds completely (with equal MD5s under
+    --verify md5) yields instances to delete, and those are exactly the
+    instances that were verified.
+    """
+    total = len(instances)
+    missing = missing_instances(instances, copy)
+    if missing and stopping:
+        return Verdict(
+            SKIPPED,
+            f"the run was asked to stop during the copy; Backup lacks "
+            f"{len(missing)} of {total} instances; kept on Main",
+        )
+    if missing:
+        return Verdict(
+            INCOMPLETE,
+            f"Backup lacks {len(missing)} of {total} instances after the copy; "
+            "kept on Main",
+        )
+    if mismatched:
+        return Verdict(
+            INCOMPLETE,
+            f"{len(mismatched)} of {total} instances have a different MD5 on "
+            "Backup; kept on Main",
+        )
+    verified = verified_instances(instances, copy, mismatched)
+    check = "SOPInstanceUID and MD5" if settings.verify == "md5" else "SOPInstanceUID"
+    done = f"{len(verified)} instances verified on Backup by {check}"
+    kept = TRANSFERRED if copied else SKIPPED
+    remaining = grace_remaining(copy, settings.grace_days, now)
+    if settings.no_delete:
+        return Verdict(kept, f"{done}; kept on Main (--no-delete)")
+    if remaining is not None:
+        return Verdict(
+            kept,
+            f"{done}; kept on Main for {format_duration(remaining)} more "
+            f"(grace period of {settings.grace_days} days on Backup)",
+        )
+    if stopping:
+        return Verdict(kept, f"{done}; kept on Main because the run was asked to stop")
+    deleted = MIGRATED if copied else DELETED
+    return Verdict(deleted, f"{done}; deleted {len(verified)} from Main", verified)
 
 
 def finish_counts(context: RunContext, candidate: Candidate, outcome: StudyOutcome):

@@ -415,3 +415,79 @@ def test_settings_hide_password_in_url_errors(tmp_path, monkeypatch):
         rs.load_settings([], env)
     assert "s3cret" not in str(raised.value)
     assert "http://admin:***@127.0.0.1:8043" in str(raised.value)
+
+
+def judge(instances, copy, mismatched=(), *, copied=True, stopping=False, **options):
+    return rs.judge_copy(
+        instances,
+        copy,
+        list(mismatched),
+        settings(**options),
+        copied=copied,
+        stopping=stopping,
+        now=NOW,
+    )
+
+
+COMPLETE_COPY = rs.BackupCopy({"1.2.3.1": "b1", "1.2.3.2": "b2"}, NOW)
+TWO_INSTANCES = [instance(1), instance(2)]
+
+
+def test_judge_complete_copy_deletes_verified():
+    verdict = judge(TWO_INSTANCES, COMPLETE_COPY)
+    assert verdict.status == "migrated"
+    assert verdict.delete == TWO_INSTANCES
+
+
+def test_judge_already_on_backup_is_deleted_status():
+    assert judge(TWO_INSTANCES, COMPLETE_COPY, copied=False).status == "deleted"
+
+
+def test_judge_missing_instance_keeps_all():
+    partial = rs.BackupCopy({"1.2.3.1": "b1"}, NOW)
+    verdict = judge(TWO_INSTANCES, partial)
+    assert verdict.status == "incomplete"
+    assert verdict.delete == []
+    assert "lacks 1 of 2" in verdict.message
+
+
+def test_judge_md5_mismatch_keeps_all():
+    verdict = judge(TWO_INSTANCES, COMPLETE_COPY, [instance(2)], verify="md5")
+    assert verdict.status == "incomplete"
+    assert verdict.delete == []
+
+
+def test_judge_no_delete_keeps_all():
+    verdict = judge(TWO_INSTANCES, COMPLETE_COPY, no_delete=True)
+    assert verdict.status == "transferred"
+    assert verdict.delete == []
+
+
+def test_judge_grace_period_keeps_all():
+    verdict = judge(TWO_INSTANCES, COMPLETE_COPY, grace_days=3)
+    assert verdict.status == "transferred"
+    assert verdict.delete == []
+    assert "grace period of 3 days" in verdict.message
+
+
+def test_judge_grace_period_without_copy_is_skipped():
+    verdict = judge(TWO_INSTANCES, COMPLETE_COPY, copied=False, grace_days=3)
+    assert verdict.status == "skipped"
+
+
+def test_judge_stop_request_keeps_all():
+    verdict = judge(TWO_INSTANCES, COMPLETE_COPY, stopping=True)
+    assert verdict.status == "transferred"
+    assert verdict.delete == []
+
+
+def test_judge_stop_during_copy_is_skipped():
+    partial = rs.BackupCopy({"1.2.3.1": "b1"}, NOW)
+    assert judge(TWO_INSTANCES, partial, stopping=True).status == "skipped"
+
+
+def test_judge_other_patient_copy_does_not_count():
+    # read_backup_copy leaves Backup studies under another PatientID out of
+    # `instances`, so such a copy looks missing here.
+    other = rs.BackupCopy({}, None, total_instances=2, other_patient_ids=("P9",))
+    assert judge(TWO_INSTANCES, other).status == "incomplete"
