@@ -27,6 +27,7 @@ import argparse
 import concurrent.futures
 import csv
 import datetime as dt
+import difflib
 import errno
 import fcntl
 import io
@@ -34,6 +35,7 @@ import ipaddress
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -87,7 +89,10 @@ EXIT_SIGNAL_BASE = 128  # stopped by a signal: 128 + its number, as shells do
 
 PAGE_SIZE = 1000  # studies per page of GET /studies?expand
 DELETE_BATCH = 200  # instance IDs per /tools/bulk-delete request
-CHUNK_BYTES = 1024 * 1024  # read size while streaming an archive
+# Read size while streaming: small enough that a stop request is seen within
+# a second on a slow link.
+CHUNK_BYTES = 64 * 1024
+TAIL_BYTES = 64 * 1024  # longer than any CSV row this tool writes
 RETRY_STATUSES = frozenset({502, 503, 504})
 USER_AGENT = "pacs-rotate/1.0"
 # Orthanc writes empty or placeholder dates for studies whose real date is
@@ -95,6 +100,9 @@ USER_AGENT = "pacs-rotate/1.0"
 EARLIEST_STUDY_DATE = dt.date(1900, 1, 2)
 # Characters that make a spreadsheet read a cell as a formula.
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+# Every character that str.splitlines() treats as a line end: none is
+# written into a cell, so that each row stays one line for any reader.
+LINE_BREAKS = re.compile("\r\n|[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 
 # --------------------------------------------------------------------------
@@ -173,27 +181,34 @@ class Settings:
     check: bool = False
 
 
-def parse_int(minimum: int) -> Callable[[str], int]:
+def parse_int(minimum: int, maximum: int) -> Callable[[str], int]:
+    expected = f"must be a whole number from {minimum} to {maximum}"
+
     def parse(text: str) -> int:
         try:
             value = int(text.strip())
         except ValueError:
-            raise ValueError(f"must be a whole number of at least {minimum}") from None
-        if value < minimum:
-            raise ValueError(f"must be a whole number of at least {minimum}")
+            raise ValueError(expected) from None
+        if not minimum <= value <= maximum:
+            raise ValueError(expected)
         return value
 
     return parse
 
 
-def parse_positive_float(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError("must be a number greater than 0, for example 2.5") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError("must be a number greater than 0, for example 2.5")
-    return value
+def parse_positive_float(maximum: float) -> Callable[[str], float]:
+    expected = f"must be a number greater than 0 and at most {maximum:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            raise ValueError(expected) from None
+        if not math.isfinite(value) or not 0 < value <= maximum:
+            raise ValueError(expected)
+        return value
+
+    return parse
 
 
 def parse_bool(text: str) -> bool:
@@ -242,7 +257,24 @@ def parse_url(text: str) -> str:
         _ = parts.port
     except ValueError:
         raise ValueError("has an invalid port number") from None
+    if not is_valid_host(parts.hostname):
+        raise ValueError(f"has an invalid host name {parts.hostname!r}")
     return value.rstrip("/")
+
+
+def is_valid_host(host: str) -> bool:
+    """Accept an IP address or a DNS name of letters, digits and hyphens."""
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        pass
+    labels = host.rstrip(".").split(".")
+    return all(
+        label and len(label) <= 63 and label.replace("-", "").isalnum()
+        and label.isascii() and not label.startswith("-")
+        for label in labels
+    )  # fmt: skip
 
 
 def parse_text(text: str) -> str:
@@ -279,7 +311,7 @@ OPTIONS = (
     Option("backup_username", "ORTHANC_BACKUP_USERNAME", None, parse_text, ""),
     Option("backup_password", "ORTHANC_BACKUP_PASSWORD", None, parse_text, ""),
     Option("backup_ca_bundle", "ORTHANC_BACKUP_CA_BUNDLE", None, parse_path, ""),
-    Option("days", "ROTATE_DAYS", "--days", parse_int(1),
+    Option("days", "ROTATE_DAYS", "--days", parse_int(1, 36500),
            "move studies older than N days (default 180)", metavar="N"),
     Option("log_csv", "ROTATE_LOG_CSV", "--log-csv", parse_path,
            "CSV audit log to append to (default log_migracion.csv)", metavar="PATH"),
@@ -291,13 +323,13 @@ OPTIONS = (
            is_switch=True),
     Option("no_delete", "ROTATE_NO_DELETE", "--no-delete", parse_bool,
            "copy and verify, but keep everything on Main", is_switch=True),
-    Option("max_studies", "ROTATE_MAX_STUDIES", "--max-studies", parse_int(1),
+    Option("max_studies", "ROTATE_MAX_STUDIES", "--max-studies", parse_int(1, 10**9),
            "start at most N studies this run", metavar="N"),
     Option("min_idle_minutes", "ROTATE_MIN_IDLE_MINUTES", "--min-idle-minutes",
-           parse_int(0),
+           parse_int(0, 5_256_000),
            "skip studies that received an instance in the last N minutes "
            "(default 60)", metavar="N"),
-    Option("grace_days", "ROTATE_GRACE_DAYS", "--grace-days", parse_int(0),
+    Option("grace_days", "ROTATE_GRACE_DAYS", "--grace-days", parse_int(0, 36500),
            "keep a verified study on Main until Backup has held it N days "
            "(default 0)", metavar="N"),
     Option("verify", "ROTATE_VERIFY", "--verify", parse_choice("sop", "md5"),
@@ -307,24 +339,24 @@ OPTIONS = (
            parse_choice("zip", "instances"),
            "zip: stream each study's archive (default); instances: copy "
            "instance files in parallel", metavar="{zip,instances}"),
-    Option("workers", "ROTATE_WORKERS", "--workers", parse_int(1),
+    Option("workers", "ROTATE_WORKERS", "--workers", parse_int(1, 64),
            "transfers at once: studies in zip mode, instances in instances "
            "mode (default 4)", metavar="N"),
-    Option("zip_max_mb", "ROTATE_ZIP_MAX_MB", "--zip-max-mb", parse_int(1),
+    Option("zip_max_mb", "ROTATE_ZIP_MAX_MB", "--zip-max-mb", parse_int(1, 10**7),
            "studies larger than this many MB go instance by instance "
            "(default 1024)", metavar="MB"),
     Option("max_gigabytes", "ROTATE_MAX_GIGABYTES", "--max-gigabytes",
-           parse_positive_float,
+           parse_positive_float(10**9),
            "start no new study once this many GB were copied", metavar="GB"),
     Option("until", "ROTATE_UNTIL", "--until", parse_clock_time,
            "start no new study after this local time", metavar="HH:MM"),
     Option("connect_timeout", "ROTATE_CONNECT_TIMEOUT", "--connect-timeout",
-           parse_positive_float, "seconds to wait for a connection (default 10)",
+           parse_positive_float(86400), "seconds to wait for a connection (default 10)",
            metavar="S"),
     Option("read_timeout", "ROTATE_READ_TIMEOUT", "--read-timeout",
-           parse_positive_float,
+           parse_positive_float(86400),
            "seconds to wait for data from a server (default 300)", metavar="S"),
-    Option("retries", "ROTATE_RETRIES", "--retries", parse_int(0),
+    Option("retries", "ROTATE_RETRIES", "--retries", parse_int(0, 10),
            "retries of a safe request after a connection error or HTTP "
            "502/503/504 (default 3)", metavar="N"),
     Option("check", None, "--check", parse_bool,
@@ -451,7 +483,7 @@ def load_settings(argv: list[str], environ: dict[str, str]) -> Settings:
     env_file = read_env_file(args.env_file)
     raw = resolve_raw_values(args, environ, env_file)
     values: dict[str, object] = {}
-    problems: list[str] = []
+    problems = unknown_setting_problems(environ, env_file, args.env_file)
     for option in OPTIONS:
         if option.dest not in raw:
             continue
@@ -471,6 +503,40 @@ def load_settings(argv: list[str], environ: dict[str, str]) -> Settings:
     if problems:
         raise ConfigError(problems)
     return settings_from_values(values)
+
+
+# Variables of the container scripts, read from the same environment.
+OTHER_KNOWN_VARIABLES = frozenset({"ROTATE_HEALTH_MAX_AGE_HOURS"})
+OWN_PREFIXES = ("ROTATE_", "ORTHANC_MAIN_", "ORTHANC_BACKUP_")
+
+
+def unknown_setting_problems(
+    environ: dict[str, str], env_file: dict[str, str], env_file_path: str | None
+) -> list[str]:
+    """Report names in this tool's namespace that are no setting, such as typos.
+
+    A misspelt ROTATE_DRY_RUN would otherwise turn a dry run into a real one.
+    In the .env file the check ignores letter case, because the file is this
+    tool's alone; other programs may set variables of any case in the
+    environment.
+    """
+    known = {option.env for option in OPTIONS if option.env} | OTHER_KNOWN_VARIABLES
+    origin = f"--env-file {env_file_path}" if env_file_path else ".env"
+    found = [
+        (name, "environment variable")
+        for name in environ
+        if name.startswith(OWN_PREFIXES)
+    ]
+    found += [(name, origin) for name in env_file
+              if name.upper().startswith(OWN_PREFIXES)]  # fmt: skip
+    problems = []
+    for name, source in found:
+        if name in known:
+            continue
+        guess = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+        hint = f"; did you mean {guess[0]}?" if guess else "; remove it"
+        problems.append(f"{source} {name} is not a setting of this tool{hint}")
+    return problems
 
 
 def check_credentials(values: dict[str, object]) -> list[str]:
@@ -524,12 +590,40 @@ def check_local_paths(settings: Settings) -> list[str]:
                 f"{label}={str(path)!r}: folder {str(directory)!r} does not exist; "
                 "create it or choose another path"
             )
+        elif path.exists() and not path.is_file():
+            problems.append(f"{label}={str(path)!r}: is not a regular file")
         elif not os.access(path if path.exists() else directory, os.W_OK):
             problems.append(
                 f"{label}={str(path)!r}: not writable by this user; fix the "
                 "permissions or choose another path"
             )
+    if settings.log_csv.resolve() == settings.lock_file.resolve():
+        problems.append(
+            f"ROTATE_LOCK_FILE={str(settings.lock_file)!r}: is the CSV log itself; "
+            "choose another path, for example the CSV path plus .lock"
+        )
+    elif settings.log_csv.is_file():
+        problems += log_file_problems(settings.log_csv)
     return problems
+
+
+def log_file_problems(path: Path) -> list[str]:
+    """Check that an existing CSV log starts with this tool's header.
+
+    A file cut short while its header was written is accepted, because
+    AuditLog rewrites it.
+    """
+    with path.open("rb") as stream:
+        first = stream.readline(64 * 1024)
+    line = first.decode("utf-8", "replace").lstrip("\ufeff").rstrip("\r\n")
+    header = ",".join(CSV_COLUMNS)
+    complete = first.endswith(b"\n")
+    if not first or line == header or (not complete and header.startswith(line)):
+        return []
+    return [
+        f"ROTATE_LOG_CSV={str(path)!r}: the file exists but does not start with "
+        "this tool's CSV header; move it aside or choose another path"
+    ]
 
 
 # --------------------------------------------------------------------------
@@ -612,9 +706,29 @@ class OrthancClient:
         return self.get_json("/system")
 
     def last_change(self) -> dict:
-        """Return the newest entry of Orthanc's change log (a server fingerprint)."""
-        changes = self.get_json("/changes", last="").get("Changes") or []
-        return changes[-1] if changes else {}
+        """Return the newest entry of Orthanc's change log (a server fingerprint).
+
+        "Last" is the sequence number of the newest change ever recorded, which
+        stays after the log is cleared with DELETE /changes; 0 means none.
+        """
+        answer = self.get_json("/changes", last="")
+        changes = answer.get("Changes") or []
+        if not answer.get("Last"):
+            return {}
+        return {"Last": answer.get("Last"), **(changes[-1] if changes else {})}
+
+    def stored_file_id(self, instance_id: str) -> str | None:
+        """Return the FileUuid of an instance's DICOM file, or None if absent."""
+        try:
+            return self.get_json(f"/instances/{instance_id}").get("FileUuid")
+        except OrthancError as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def first_instance(self) -> str | None:
+        found = self.get_json("/instances", since=0, limit=1)
+        return found[0] if found else None
 
     def studies_page(self, since: int, limit: int) -> list[dict]:
         return self.get_json("/studies", expand="", since=since, limit=limit)
@@ -857,18 +971,19 @@ class MainInstance:
 class BackupCopy:
     """What Backup holds for one study of Main.
 
-    Backup is searched by StudyInstanceUID, but only its studies with Main's
-    PatientID count as copies. Orthanc files the same StudyInstanceUID under
-    another PatientID as another study, and those files differ from Main's
-    at least in PatientID. Deleting Main's files on their account could lose
-    the only copy of a corrected patient identity.
+    Backup is searched by StudyInstanceUID, and an instance counts as copied
+    when Backup holds one with the same Orthanc ID. Orthanc derives that ID
+    from PatientID, StudyInstanceUID, SeriesInstanceUID and SOPInstanceUID,
+    so the same SOPInstanceUID in another series, or under another PatientID
+    (a corrected patient identity, say), does not count.
     """
 
-    instances: dict[str, str]  # SOPInstanceUID -> Backup instance ID
+    instance_ids: frozenset[str]  # Orthanc IDs, studies with Main's PatientID
     last_update: dt.datetime | None  # newest LastUpdate of those studies
     total_instances: int = 0  # under any PatientID
     other_patient_ids: tuple[str, ...] = ()
     file_uuids: frozenset[str] = frozenset()  # stored-file IDs, any PatientID
+    patients: tuple[str, ...] = ()  # Backup's Orthanc IDs of Main's patient
 
 
 def main_instances_of(main: OrthancClient, study_id: str) -> list[MainInstance]:
@@ -887,11 +1002,12 @@ def read_backup_copy(
     backup: OrthancClient, study_instance_uid: str, patient_id: str
 ) -> BackupCopy:
     """Ask Backup which instances it holds for this study of Main."""
-    instances: dict[str, str] = {}
+    instance_ids: set[str] = set()
+    file_uuids: set[str] = set()
+    patients: set[str] = set()
+    others = []
     newest = None
     total = 0
-    others = []
-    file_uuids = set()
     for backup_study_id in backup.lookup_studies(study_instance_uid):
         study = backup.study(backup_study_id)
         found = backup.study_instances(backup_study_id)
@@ -903,33 +1019,40 @@ def read_backup_copy(
             continue
         updated = parse_last_update(study["LastUpdate"])
         newest = updated if newest is None else max(newest, updated)
-        for item in found:
-            sop = item.get("MainDicomTags", {}).get("SOPInstanceUID")
-            if sop:
-                instances[sop] = item["ID"]
+        patients.add(study["ParentPatient"])
+        instance_ids.update(item["ID"] for item in found)
     file_uuids.discard("")
-    return BackupCopy(instances, newest, total, tuple(others), frozenset(file_uuids))
+    return BackupCopy(
+        frozenset(instance_ids),
+        newest,
+        total,
+        tuple(others),
+        frozenset(file_uuids),
+        tuple(sorted(patients)),
+    )
 
 
 def missing_instances(
     main_instances: list[MainInstance], copy: BackupCopy
 ) -> list[MainInstance]:
-    """Return the instances of Main whose SOPInstanceUID Backup does not hold."""
-    return [i for i in main_instances if i.sop_instance_uid not in copy.instances]
+    """Return the instances of Main that Backup does not hold."""
+    return [i for i in main_instances if i.instance_id not in copy.instance_ids]
 
 
 def md5_mismatches(
     main: OrthancClient,
     backup: OrthancClient,
     present: list[MainInstance],
-    copy: BackupCopy,
     workers: int,
 ) -> list[MainInstance]:
-    """Return the instances whose stored DICOM file differs between the servers."""
+    """Return the instances whose stored DICOM file differs between the servers.
+
+    An instance has the same Orthanc ID on both servers (see BackupCopy).
+    """
 
     def differs(instance: MainInstance) -> bool:
-        backup_id = copy.instances[instance.sop_instance_uid]
-        return main.instance_md5(instance.instance_id) != backup.instance_md5(backup_id)
+        main_md5 = main.instance_md5(instance.instance_id)
+        return main_md5 != backup.instance_md5(instance.instance_id)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         flags = list(pool.map(differs, present))
@@ -956,7 +1079,7 @@ def verified_instances(
     return [
         instance
         for instance in main_instances
-        if instance.sop_instance_uid in copy.instances
+        if instance.instance_id in copy.instance_ids
         and instance.instance_id not in rejected
     ]
 
@@ -1113,6 +1236,20 @@ def transfer_zip(
 # --------------------------------------------------------------------------
 
 
+def protect_on_backup(backup: OrthancClient, copy: BackupCopy) -> None:
+    """Mark the study's patient as protected on Backup before Main deletes it.
+
+    An Orthanc server with MaximumStorageSize or MaximumPatientCount makes
+    room by deleting its oldest unprotected patients (Orthanc 1.10 has no
+    setting to refuse instead), so a later copy could silently remove a
+    study whose only copy is now on Backup. A protected patient is never
+    recycled: a full Backup then rejects new instances, and those studies
+    stay on Main as incomplete.
+    """
+    for patient_id in copy.patients:
+        backup.request("PUT", f"/patients/{patient_id}/protected", data="1")
+
+
 def delete_verified(main: OrthancClient, verified: list[MainInstance]) -> None:
     """Delete from Main the instances that Backup was asked about and holds.
 
@@ -1257,7 +1394,7 @@ def apply_verification(
     mismatched = []
     if complete and settings.verify == "md5":
         mismatched = md5_mismatches(
-            context.main, context.backup, instances, copy, settings.workers
+            context.main, context.backup, instances, settings.workers
         )
     verdict = judge_copy(
         instances,
@@ -1273,6 +1410,7 @@ def apply_verification(
     if verdict.status == INCOMPLETE and upload is not None and upload.problems():
         outcome.message += f" (Backup's upload statuses: {upload.problems()})"
     if verdict.delete:
+        protect_on_backup(context.backup, copy)
         delete_verified(context.main, verdict.delete)
         outcome.freed_bytes = sum(i.size for i in verdict.delete)
     return outcome
@@ -1417,7 +1555,7 @@ def study_outcome(context: RunContext, candidate: Candidate) -> StudyOutcome:
 def safe_cell(value: object) -> str:
     """Return a cell that a spreadsheet shows as text, on a single line."""
     text = "" if value is None else str(value)
-    text = text.replace("\r\n", " ").replace("\n", " ").replace("\r", " ")
+    text = LINE_BREAKS.sub(" ", text)
     if text.startswith(FORMULA_PREFIXES):
         text = "'" + text
     return text
@@ -1448,32 +1586,30 @@ class AuditLog:
             self._write(format_row(dict(zip(CSV_COLUMNS, CSV_COLUMNS, strict=True))))
 
     def _repair_torn_tail(self) -> None:
+        """Cut the file back to its last complete line.
+
+        The header was checked by log_file_problems before the run, so only
+        the tail is read, however long the log has grown.
+        """
+        size = os.fstat(self.fd).st_size
         with open(self.path, "rb") as stream:
-            data = stream.read()
-        if not data or data.endswith(b"\n"):
-            self._check_header(data)
+            stream.seek(max(0, size - TAIL_BYTES))
+            tail = stream.read()
+        if not tail or tail.endswith(b"\n"):
             return
-        keep = data.rfind(b"\n") + 1
+        newline = tail.rfind(b"\n")
+        if newline < 0 and size > TAIL_BYTES:
+            raise ConfigError(
+                [f"ROTATE_LOG_CSV={str(self.path)!r}: its last line is longer than "
+                 "any row of this tool; move the file aside"]
+            )  # fmt: skip
+        keep = size - len(tail) + newline + 1
         LOG.warning(
             "%s ended with an incomplete row, probably from a killed run; "
             "removed it: %r",
-            self.path, data[keep:][:300].decode("utf-8", "replace"),
+            self.path, tail[newline + 1 :][:300].decode("utf-8", "replace"),
         )  # fmt: skip
         os.ftruncate(self.fd, keep)
-        self._check_header(data[:keep])
-
-    def _check_header(self, data: bytes) -> None:
-        if not data:
-            return
-        first = data.split(b"\n", 1)[0].decode("utf-8", "replace").strip()
-        if first.lstrip("\ufeff") != ",".join(CSV_COLUMNS):
-            raise ConfigError(
-                [
-                    f"ROTATE_LOG_CSV={str(self.path)!r}: the file exists but its "
-                    "header is not this tool's CSV columns; move it aside or "
-                    "choose another path"
-                ]
-            )
 
     def _write(self, line: str) -> None:
         os.write(self.fd, line.encode("utf-8"))
@@ -1544,8 +1680,10 @@ def acquire_lock(path: Path) -> int:
         if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
             return -1
         raise
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    content = os.pread(fd, 64, 0).strip()
+    if not content or content.isdigit():  # never overwrite a file of others
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
     return fd
 
 
@@ -1675,6 +1813,8 @@ def preflight(settings: Settings, main: OrthancClient, backup: OrthancClient):
     reason = same_server_reason(
         settings.main, settings.backup, main_change, backup_change
     )
+    if reason is None and backup_system:
+        reason = shared_storage_reason(main, backup)
     if reason:
         raise ConfigError(
             [
@@ -1684,6 +1824,22 @@ def preflight(settings: Settings, main: OrthancClient, backup: OrthancClient):
             ]
         )
     return main_system, backup_system
+
+
+def shared_storage_reason(main: OrthancClient, backup: OrthancClient) -> str | None:
+    """Return why Main and Backup look like one storage, judged by one instance.
+
+    The same instance has the same Orthanc ID on both servers but a random
+    FileUuid on each, so an equal FileUuid means one server, also behind a
+    proxy and while it receives instances.
+    """
+    instance_id = main.first_instance()
+    if instance_id is None:
+        return None
+    main_file = main.stored_file_id(instance_id)
+    if main_file is None or main_file != backup.stored_file_id(instance_id):
+        return None
+    return f"both list instance {instance_id} with the same stored file {main_file}"
 
 
 def plan_run(main: OrthancClient, settings: Settings) -> list[Candidate]:

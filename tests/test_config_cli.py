@@ -123,15 +123,15 @@ def test_env_file_supplies_urls(main, backup, tmp_path, run_rotate, log_csv):
     ("env_file_days", "env_days", "args", "migrated"),
     [
         ("1", None, [], True),
-        ("1", "100000", [], False),
-        ("1", "100000", ["--days", "1"], True),
+        ("1", "30000", [], False),
+        ("1", "30000", ["--days", "1"], True),
     ],
     ids=["env_file", "variable_over_env_file", "flag_over_variable"],
 )
 def test_days_precedence(
     main, backup, tmp_path, run_rotate, env_file_days, env_days, args, migrated
 ):
-    # StudyDate 20200101 is old for ROTATE_DAYS=1 and recent for 100000.
+    # StudyDate 20200101 is old for ROTATE_DAYS=1 and recent for 30000.
     study = write_study(tmp_path / "dicom", study_date="20200101")
     for path in study.paths:
         main.upload(path)

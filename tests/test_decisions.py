@@ -137,31 +137,31 @@ def instance(number: int, size: int = 100) -> rs.MainInstance:
     return rs.MainInstance(f"main-{number}", f"1.2.3.{number}", size)
 
 
-def test_missing_instances_by_sop_uid():
-    copy = rs.BackupCopy({"1.2.3.1": "b1", "1.2.3.3": "b3"}, None)
+def test_missing_instances_by_orthanc_id():
+    copy = rs.BackupCopy(frozenset({"main-1", "main-3"}), None)
     missing = rs.missing_instances([instance(1), instance(2), instance(3)], copy)
     assert [i.instance_id for i in missing] == ["main-2"]
 
 
 def test_verified_instances_excludes_missing_and_mismatched():
-    copy = rs.BackupCopy({"1.2.3.1": "b1", "1.2.3.2": "b2"}, None)
+    copy = rs.BackupCopy(frozenset({"main-1", "main-2"}), None)
     instances = [instance(1), instance(2), instance(3)]
     verified = rs.verified_instances(instances, copy, [instance(2)])
     assert [i.instance_id for i in verified] == ["main-1"]
 
 
 def test_grace_remaining_while_backup_copy_is_young():
-    copy = rs.BackupCopy({}, NOW - dt.timedelta(days=1))
+    copy = rs.BackupCopy(frozenset(), NOW - dt.timedelta(days=1))
     assert rs.grace_remaining(copy, 3, NOW) == dt.timedelta(days=2)
 
 
 def test_grace_remaining_none_after_grace():
-    copy = rs.BackupCopy({}, NOW - dt.timedelta(days=4))
+    copy = rs.BackupCopy(frozenset(), NOW - dt.timedelta(days=4))
     assert rs.grace_remaining(copy, 3, NOW) is None
 
 
 def test_grace_remaining_none_without_grace():
-    copy = rs.BackupCopy({}, NOW)
+    copy = rs.BackupCopy(frozenset(), NOW)
     assert rs.grace_remaining(copy, 0, NOW) is None
 
 
@@ -194,6 +194,7 @@ def test_choose_transfer_instances_mode():
         ("@x", "'@x"),
         ("a=b", "a=b"),
         ("line\nbreak", "line break"),
+        ("a\u2028b\x85c\r\nd", "a b c d"),
         (None, ""),
         (12, "12"),
     ],
@@ -368,22 +369,34 @@ def test_audit_log_removes_torn_last_row(tmp_path):
     assert [row["status"] for row in rows] == ["migrated", "deleted"]
 
 
-def test_audit_log_rejects_foreign_header(tmp_path):
+def test_log_file_problems_foreign_header(tmp_path):
     path = tmp_path / "log.csv"
     path.write_text("a,b,c\n1,2,3\n")
-    with pytest.raises(rs.ConfigError):
-        rs.AuditLog(path)
+    assert rs.log_file_problems(path)
+
+
+def test_log_file_problems_accepts_torn_header(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("timestamp,run_id,stu")
+    assert rs.log_file_problems(path) == []
+
+
+def test_audit_log_rewrites_torn_header(tmp_path):
+    path = tmp_path / "log.csv"
+    path.write_text("timestamp,run_id,stu")
+    rs.AuditLog(path).close()
+    assert path.read_bytes() == (",".join(rs.CSV_COLUMNS) + "\r\n").encode()
 
 
 def test_shared_files_detects_one_storage():
     main_instance = rs.MainInstance("m1", "1.2.3.1", 10, file_uuid="uuid-1")
-    copy = rs.BackupCopy({"1.2.3.1": "m1"}, None, file_uuids=frozenset({"uuid-1"}))
+    copy = rs.BackupCopy(frozenset({"m1"}), None, file_uuids=frozenset({"uuid-1"}))
     assert rs.shared_files([main_instance], copy) == [main_instance]
 
 
 def test_shared_files_empty_for_separate_storage():
     main_instance = rs.MainInstance("m1", "1.2.3.1", 10, file_uuid="uuid-1")
-    copy = rs.BackupCopy({"1.2.3.1": "b1"}, None, file_uuids=frozenset({"uuid-2"}))
+    copy = rs.BackupCopy(frozenset({"m1"}), None, file_uuids=frozenset({"uuid-2"}))
     assert rs.shared_files([main_instance], copy) == []
 
 
@@ -429,7 +442,7 @@ def judge(instances, copy, mismatched=(), *, copied=True, stopping=False, **opti
     )
 
 
-COMPLETE_COPY = rs.BackupCopy({"1.2.3.1": "b1", "1.2.3.2": "b2"}, NOW)
+COMPLETE_COPY = rs.BackupCopy(frozenset({"main-1", "main-2"}), NOW)
 TWO_INSTANCES = [instance(1), instance(2)]
 
 
@@ -444,7 +457,7 @@ def test_judge_already_on_backup_is_deleted_status():
 
 
 def test_judge_missing_instance_keeps_all():
-    partial = rs.BackupCopy({"1.2.3.1": "b1"}, NOW)
+    partial = rs.BackupCopy(frozenset({"main-1"}), NOW)
     verdict = judge(TWO_INSTANCES, partial)
     assert verdict.status == "incomplete"
     assert verdict.delete == []
@@ -482,12 +495,71 @@ def test_judge_stop_request_keeps_all():
 
 
 def test_judge_stop_during_copy_is_skipped():
-    partial = rs.BackupCopy({"1.2.3.1": "b1"}, NOW)
+    partial = rs.BackupCopy(frozenset({"main-1"}), NOW)
     assert judge(TWO_INSTANCES, partial, stopping=True).status == "skipped"
 
 
 def test_judge_other_patient_copy_does_not_count():
     # read_backup_copy leaves Backup studies under another PatientID out of
     # `instances`, so such a copy looks missing here.
-    other = rs.BackupCopy({}, None, total_instances=2, other_patient_ids=("P9",))
+    other = rs.BackupCopy(
+        frozenset(), None, total_instances=2, other_patient_ids=("P9",)
+    )
     assert judge(TWO_INSTANCES, other).status == "incomplete"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ROTATE_GRACE_DAYS", "10000000000"),
+        ("ROTATE_MIN_IDLE_MINUTES", "100000000000000"),
+        ("ROTATE_READ_TIMEOUT", "1e300"),
+        ("ROTATE_WORKERS", "0"),
+        ("ROTATE_RETRIES", "11"),
+    ],
+)
+def test_settings_reject_out_of_range(tmp_path, monkeypatch, name, value):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(rs.ConfigError) as raised:
+        rs.load_settings([], {**BASE_ENV, name: value})
+    assert f"{name}={value!r}" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1", "::1", "orthanc-main", "pacs.example.org", "a1.b2"]
+)
+def test_valid_host(host):
+    assert rs.is_valid_host(host)
+
+
+@pytest.mark.parametrize(
+    "host", ["127.0.0.1 ", "127..0.1", "-bad.org", "b\u200bad", "a_b.org", ""]
+)
+def test_invalid_host(host):
+    assert not rs.is_valid_host(host)
+
+
+def test_settings_reject_unknown_env_file_key(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    Path(".env").write_text("ROTATE_DRYRUN=1\nrotate_days=34\n")
+    with pytest.raises(rs.ConfigError) as raised:
+        rs.load_settings([], BASE_ENV)
+    text = str(raised.value)
+    assert (
+        "ROTATE_DRYRUN is not a setting of this tool; did you mean ROTATE_DRY_RUN?"
+        in text
+    )
+    assert "rotate_days is not a setting" in text
+
+
+def test_settings_reject_unknown_environment_variable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(rs.ConfigError) as raised:
+        rs.load_settings([], {**BASE_ENV, "ROTATE_NODELETE": "1"})
+    assert "did you mean ROTATE_NO_DELETE?" in str(raised.value)
+
+
+def test_settings_accept_container_variable(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    env = {**BASE_ENV, "ROTATE_HEALTH_MAX_AGE_HOURS": "30", "ORTHANC__NAME": "x"}
+    assert rs.load_settings([], env).days == 180
