@@ -139,6 +139,10 @@ class SameServerError(Exception):
     """Main and Backup turned out to store the same files: one server."""
 
 
+class AuditLogError(Exception):
+    """The CSV log could not be written; the run stops before deleting more."""
+
+
 class StopRequested(Exception):
     """SIGTERM or SIGINT arrived while a transfer was streaming."""
 
@@ -597,7 +601,7 @@ def check_local_paths(settings: Settings) -> list[str]:
                 f"{label}={str(path)!r}: not writable by this user; fix the "
                 "permissions or choose another path"
             )
-    if settings.log_csv.resolve() == settings.lock_file.resolve():
+    if same_file(settings.log_csv, settings.lock_file):
         problems.append(
             f"ROTATE_LOCK_FILE={str(settings.lock_file)!r}: is the CSV log itself; "
             "choose another path, for example the CSV path plus .lock"
@@ -605,6 +609,13 @@ def check_local_paths(settings: Settings) -> list[str]:
     elif settings.log_csv.is_file():
         problems += log_file_problems(settings.log_csv)
     return problems
+
+
+def same_file(first: Path, second: Path) -> bool:
+    """Return True when two paths name one file, through links too."""
+    if first.exists() and second.exists():
+        return os.path.samefile(first, second)
+    return first.resolve() == second.resolve()
 
 
 def log_file_problems(path: Path) -> list[str]:
@@ -823,7 +834,7 @@ def same_server_reason(
     if main_change and main_change == backup_change:
         return (
             f"{main.url} and {backup.url} report the same newest change "
-            f"(Seq {main_change.get('Seq')}), so they are one Orthanc database"
+            f"(number {main_change.get('Last')}), so they are one Orthanc database"
         )
     return None
 
@@ -1286,7 +1297,14 @@ class RunContext:
     main: OrthancClient
     backup: OrthancClient
     stop: threading.Event
-    fatal_errors: list[str] = field(default_factory=list)  # end the run, exit 2
+    log: AuditLog | None = None
+    # Errors that end the run: (message, exit status).
+    fatal_errors: list[tuple[str, int]] = field(default_factory=list)
+
+    def end_run(self, message: str, exit_status: int) -> None:
+        """Record an error that stops the run: no new study, no new deletion."""
+        self.fatal_errors.append((message, exit_status))
+        self.stop.set()
 
 
 def choose_transfer(settings: Settings, study_bytes: int) -> str:
@@ -1334,7 +1352,9 @@ def rotate_study(context: RunContext, candidate: Candidate) -> StudyOutcome:
         copy = read_backup_copy(
             backup, candidate.study_instance_uid, candidate.patient_id
         )
-    return decide_after_verification(context, instances, copy, upload, outcome)
+    return decide_after_verification(
+        context, candidate, instances, copy, upload, outcome
+    )
 
 
 def run_transfer(context, candidate, instances, missing, method) -> UploadResult:
@@ -1358,13 +1378,14 @@ def run_transfer(context, candidate, instances, missing, method) -> UploadResult
 
 def decide_after_verification(
     context: RunContext,
+    candidate: Candidate,
     instances: list[MainInstance],
     copy: BackupCopy,
     upload: UploadResult | None,
     outcome: StudyOutcome,
 ) -> StudyOutcome:
     """Given Backup's fresh answer, delete what is verified or keep the study."""
-    outcome = apply_verification(context, instances, copy, upload, outcome)
+    outcome = apply_verification(context, candidate, instances, copy, upload, outcome)
     if copy.other_patient_ids:
         outcome.message += (
             "; Backup also holds this StudyInstanceUID under PatientID "
@@ -1376,6 +1397,7 @@ def decide_after_verification(
 
 def apply_verification(
     context: RunContext,
+    candidate: Candidate,
     instances: list[MainInstance],
     copy: BackupCopy,
     upload: UploadResult | None,
@@ -1383,7 +1405,44 @@ def apply_verification(
 ) -> StudyOutcome:
     settings = context.settings
     outcome.instances_backup = copy.total_instances
-    complete = not missing_instances(instances, copy)
+    reject_shared_storage(instances, copy)
+    mismatched = []
+    if settings.verify == "md5" and not missing_instances(instances, copy):
+        mismatched = md5_mismatches(
+            context.main, context.backup, instances, settings.workers
+        )
+
+    def judge(current: BackupCopy) -> Verdict:
+        return judge_copy(
+            instances,
+            current,
+            mismatched,
+            settings,
+            copied=upload is not None,
+            stopping=context.stop.is_set(),
+            now=now_utc(),
+        )
+
+    verdict = judge(copy)
+    if verdict.delete:
+        # Protect first, then ask Backup once more: a Backup that recycles
+        # patients may have dropped this one before it was protected.
+        protect_on_backup(context.backup, copy)
+        copy = read_backup_copy(
+            context.backup, candidate.study_instance_uid, candidate.patient_id
+        )
+        reject_shared_storage(instances, copy)
+        verdict = judge(copy)
+    outcome.status = verdict.status
+    outcome.message = verdict.message
+    if verdict.status == INCOMPLETE and upload is not None and upload.problems():
+        outcome.message += f" (Backup's upload statuses: {upload.problems()})"
+    if verdict.delete:
+        delete_unchanged(context, candidate, verdict.delete, outcome)
+    return outcome
+
+
+def reject_shared_storage(instances: list[MainInstance], copy: BackupCopy) -> None:
     shared = shared_files(instances, copy)
     if shared:
         raise SameServerError(
@@ -1391,29 +1450,43 @@ def apply_verification(
             f"for instance {shared[0].instance_id}, so they are one server or "
             "share one storage; point ORTHANC_BACKUP_URL at the backup server"
         )
-    mismatched = []
-    if complete and settings.verify == "md5":
-        mismatched = md5_mismatches(
-            context.main, context.backup, instances, settings.workers
+
+
+def delete_unchanged(
+    context: RunContext,
+    candidate: Candidate,
+    verified: list[MainInstance],
+    outcome: StudyOutcome,
+) -> None:
+    """Delete the verified instances whose file on Main is still the one verified.
+
+    Main may store a new file under the same instance ID after the check (with
+    OverwriteInstances), and the audit log may have become unwritable; in
+    both cases the instances stay on Main.
+    """
+    if context.log is not None:
+        context.log.ensure_writable()
+    # NOTE: Orthanc 1.10 has no conditional delete, so a file rewritten
+    # between this listing and the bulk-delete (milliseconds) is still lost.
+    current = instances_still_on_main(context.main, candidate)
+    unchanged = unchanged_instances(verified, current)
+    delete_verified(context.main, unchanged)
+    outcome.freed_bytes = sum(i.size for i in unchanged)
+    outcome.message += f"; deleted {len(unchanged)} from Main"
+    changed = len(verified) - len(unchanged)
+    if changed:
+        outcome.message += (
+            f"; {changed} instances changed or vanished on Main after the "
+            "verification and were not deleted"
         )
-    verdict = judge_copy(
-        instances,
-        copy,
-        mismatched,
-        settings,
-        copied=upload is not None,
-        stopping=context.stop.is_set(),
-        now=now_utc(),
-    )
-    outcome.status = verdict.status
-    outcome.message = verdict.message
-    if verdict.status == INCOMPLETE and upload is not None and upload.problems():
-        outcome.message += f" (Backup's upload statuses: {upload.problems()})"
-    if verdict.delete:
-        protect_on_backup(context.backup, copy)
-        delete_verified(context.main, verdict.delete)
-        outcome.freed_bytes = sum(i.size for i in verdict.delete)
-    return outcome
+
+
+def unchanged_instances(
+    verified: list[MainInstance], current: list[MainInstance]
+) -> list[MainInstance]:
+    """Return the verified instances that Main still stores as the same file."""
+    current_files = {i.instance_id: i.file_uuid for i in current}
+    return [i for i in verified if current_files.get(i.instance_id) == i.file_uuid]
 
 
 @dataclass(frozen=True)
@@ -1477,7 +1550,7 @@ def judge_copy(
     if stopping:
         return Verdict(kept, f"{done}; kept on Main because the run was asked to stop")
     deleted = MIGRATED if copied else DELETED
-    return Verdict(deleted, f"{done}; deleted {len(verified)} from Main", verified)
+    return Verdict(deleted, done, verified)
 
 
 def finish_counts(context: RunContext, candidate: Candidate, outcome: StudyOutcome):
@@ -1530,8 +1603,10 @@ def study_outcome(context: RunContext, candidate: Candidate) -> StudyOutcome:
     except OrthancAuthError:
         raise
     except SameServerError as error:
-        context.fatal_errors.append(str(error))
-        context.stop.set()
+        context.end_run(str(error), EXIT_CONFIG)
+        return StudyOutcome(FAILED, f"{error}; kept on Main")
+    except AuditLogError as error:
+        context.end_run(str(error), EXIT_STUDY_PROBLEM)
         return StudyOutcome(FAILED, f"{error}; kept on Main")
     except OrthancError as error:
         if error.status == 404 and error.server == "Main":
@@ -1580,7 +1655,12 @@ class AuditLog:
     def __init__(self, path: Path):
         self.path = path
         self.lock = threading.Lock()
-        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise ConfigError(
+                [f"ROTATE_LOG_CSV={str(path)!r}: cannot be opened ({error.strerror})"]
+            ) from None
         self._repair_torn_tail()
         if os.fstat(self.fd).st_size == 0:
             self._write(format_row(dict(zip(CSV_COLUMNS, CSV_COLUMNS, strict=True))))
@@ -1597,6 +1677,9 @@ class AuditLog:
             tail = stream.read()
         if not tail or tail.endswith(b"\n"):
             return
+        if tail.endswith(b"\r"):  # a whole row that lacks only its final \n
+            self._write("\n")
+            return
         newline = tail.rfind(b"\n")
         if newline < 0 and size > TAIL_BYTES:
             raise ConfigError(
@@ -1612,8 +1695,22 @@ class AuditLog:
         os.ftruncate(self.fd, keep)
 
     def _write(self, line: str) -> None:
-        os.write(self.fd, line.encode("utf-8"))
-        os.fsync(self.fd)
+        data = line.encode("utf-8")
+        try:
+            while data:
+                written = os.write(self.fd, data)
+                data = data[written:]
+            os.fsync(self.fd)
+        except OSError as error:
+            raise AuditLogError(
+                f"cannot write the CSV log {self.path}: {error.strerror}"
+            ) from None
+        self.ensure_writable()
+
+    def ensure_writable(self) -> None:
+        """Raise AuditLogError when the log file was deleted or moved away."""
+        if os.fstat(self.fd).st_nlink == 0:
+            raise AuditLogError(f"the CSV log {self.path} was deleted during the run")
 
     def append(self, values: dict[str, object]) -> None:
         with self.lock:
@@ -1910,7 +2007,7 @@ class Rotation:
 
     def stop_reason(self) -> str | None:
         if self.context.fatal_errors:
-            return "the same-server guard"
+            return "an error that ends the run"
         if self.context.stop.is_set():
             return "a stop signal"
         with self.lock:
@@ -1920,7 +2017,12 @@ class Rotation:
         started = time.monotonic()
         outcome = process_candidate(self.context, candidate)
         seconds = time.monotonic() - started
-        self.log.append(csv_values(self.run_id, candidate, outcome, seconds))
+        values = csv_values(self.run_id, candidate, outcome, seconds)
+        try:
+            self.log.append(values)
+        except AuditLogError as error:
+            LOG.error("%s; the row was: %s", error, format_row(values).strip())
+            self.context.end_run(str(error), EXIT_STUDY_PROBLEM)
         with self.lock:
             self.budget.copied_bytes += outcome.copied_bytes
             self.summary.add(outcome)
@@ -2011,7 +2113,7 @@ def run_rotation(settings: Settings, stop: threading.Event) -> int:
         started = time.monotonic()
         LOG.info("%s", describe_settings(settings))
         candidates = plan_run(main, settings)
-        context = RunContext(settings, main, backup, stop)
+        context = RunContext(settings, main, backup, stop, log)
         if backup_system is None:
             summary = fail_every_study(
                 log, candidates, uuid.uuid4().hex[:12],
@@ -2022,10 +2124,10 @@ def run_rotation(settings: Settings, stop: threading.Event) -> int:
         print(summary.text(time.monotonic() - started, len(candidates)))
     finally:
         log.close()
-    for error in context.fatal_errors:
-        print(f"error: {error}; nothing more was deleted.", file=sys.stderr)
+    for message, _ in context.fatal_errors:
+        print(f"error: {message}; nothing more was deleted.", file=sys.stderr)
     if context.fatal_errors:
-        return EXIT_CONFIG
+        return max(status for _, status in context.fatal_errors)
     if backup_system is None or summary.has_problems():
         return EXIT_STUDY_PROBLEM
     return EXIT_OK

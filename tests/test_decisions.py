@@ -563,3 +563,45 @@ def test_settings_accept_container_variable(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     env = {**BASE_ENV, "ROTATE_HEALTH_MAX_AGE_HOURS": "30", "ORTHANC__NAME": "x"}
     assert rs.load_settings([], env).days == 180
+
+
+def test_unchanged_instances_drops_rewritten_file():
+    verified = [
+        rs.MainInstance("m1", "1.2.3.1", 10, file_uuid="f1"),
+        rs.MainInstance("m2", "1.2.3.2", 10, file_uuid="f2"),
+        rs.MainInstance("m3", "1.2.3.3", 10, file_uuid="f3"),
+    ]
+    current = [
+        rs.MainInstance("m1", "1.2.3.1", 10, file_uuid="f1"),
+        rs.MainInstance("m2", "1.2.3.2", 12, file_uuid="f2-new"),
+    ]
+    kept = rs.unchanged_instances(verified, current)
+    assert [i.instance_id for i in kept] == ["m1"]
+
+
+def test_audit_log_completes_row_missing_newline(tmp_path):
+    path = tmp_path / "log.csv"
+    log = rs.AuditLog(path)
+    log.append({"status": "migrated"})
+    log.close()
+    path.write_bytes(path.read_bytes()[:-1])  # drop the final \n of the row
+    rs.AuditLog(path).close()
+    rows = list(csv.DictReader(path.open(encoding="utf-8", newline="")))
+    assert [row["status"] for row in rows] == ["migrated"]
+
+
+def test_same_file_through_hard_link(tmp_path):
+    original = tmp_path / "log.csv"
+    original.write_text("")
+    link = tmp_path / "rotate.lock"
+    link.hardlink_to(original)
+    assert rs.same_file(original, link)
+
+
+def test_audit_log_notices_deleted_file(tmp_path):
+    path = tmp_path / "log.csv"
+    log = rs.AuditLog(path)
+    path.unlink()
+    with pytest.raises(rs.AuditLogError):
+        log.ensure_writable()
+    log.close()
