@@ -1,7 +1,7 @@
 """Show a rotation on two throwaway Orthanc servers, with real DICOM files.
 
-Main receives the sample files that ship with pydicom (most have StudyDates
-between 1990 and 2015) plus three studies written here: one from last week,
+Main receives the sample files that ship with pydicom (StudyDates from 1997
+to 2019, a few empty or malformed) plus three studies written here: one from last week,
 one without a StudyDate and one with a malformed StudyDate. The rotation
 moves the old studies to Backup and keeps the recent ones, then the CSV log
 and its summary are printed. Both servers and their storage are removed at
