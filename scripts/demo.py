@@ -1,11 +1,11 @@
 """Show a rotation on two throwaway Orthanc servers, with real DICOM files.
 
 Main receives the sample files that ship with pydicom (StudyDates from 1997
-to 2019, a few empty or malformed) plus three studies written here: one from last week,
-one without a StudyDate and one with a malformed StudyDate. The rotation
-moves the old studies to Backup and keeps the recent ones, then the CSV log
-and its summary are printed. Both servers and their storage are removed at
-the end.
+to 2019, a few empty or malformed) plus three studies written here: one from
+last week, one without a StudyDate and one with a malformed StudyDate. The
+rotation moves the old studies to Backup and keeps the recent ones, then
+the CSV log and its summary are printed. Both servers and their storage are
+removed at the end.
 """
 
 from __future__ import annotations
