@@ -132,7 +132,7 @@ class OrthancError(Exception):
 
 
 class OrthancUnreachable(OrthancError):
-    """The server did not answer: connection refused, reset or timed out."""
+    """The server sent no response: connection refused, reset or timed out."""
 
 
 class OrthancAuthError(OrthancError):
@@ -524,9 +524,9 @@ def unknown_setting_problems(
     """Report names in this tool's namespace that are no setting, such as typos.
 
     A misspelt ROTATE_DRY_RUN would otherwise turn a dry run into a real one.
-    In the .env file the check ignores letter case, because the file is this
-    tool's alone; other programs may set variables of any case in the
-    environment.
+    In the .env file the check ignores letter case, because the file belongs
+    to this tool alone. The environment is checked by exact name, because
+    other programs may set variables of any case there.
     """
     known = {option.env for option in OPTIONS if option.env} | OTHER_KNOWN_VARIABLES
     origin = f"--env-file {env_file_path}" if env_file_path else ".env"
@@ -677,7 +677,7 @@ class OrthancClient:
     def request(
         self, method: str, path: str, *, retry: bool = True, **kwargs
     ) -> requests.Response:
-        """Send one request; raise OrthancError unless the answer is 2xx."""
+        """Send one request; raise OrthancError unless the status is 2xx."""
         url = self.config.url + path
         attempts = 1 + (self.retries if retry else 0)
         for attempt in range(1, attempts + 1):
@@ -796,7 +796,7 @@ def describe_network_error(error: Exception) -> str:
 
 
 def describe_orthanc_error(response: requests.Response) -> str:
-    """Return Orthanc's own explanation from an error answer, if it has one."""
+    """Return Orthanc's own explanation from an error response, if it has one."""
     try:
         body = response.json()
     except ValueError:
@@ -1247,14 +1247,14 @@ def transfer_zip(
 ) -> UploadResult:
     """Stream a ZIP archive from Main straight into Backup's POST /instances.
 
-    The whole study uses GET /studies/{id}/archive; a partial copy asks for
-    an archive of the missing instances only. Neither request transcodes.
+    The whole study uses GET /studies/{id}/archive, and a partial copy
+    requests an archive of the missing instances only. Neither transcodes.
     """
     if all_missing:
         stream = main.open_stream("GET", f"/studies/{study_id}/archive")
     else:
-        body = {"Resources": [i.instance_id for i in missing], "Synchronous": True}
-        stream = main.open_stream("POST", "/tools/create-archive", json=body)
+        request = {"Resources": [i.instance_id for i in missing], "Synchronous": True}
+        stream = main.open_stream("POST", "/tools/create-archive", json=request)
     with stream as response:
         body = StreamedBody(response, stop)
         answers = backup.upload(body.iter_chunks(), "application/zip")
@@ -1275,8 +1275,8 @@ def protect_on_backup(backup: OrthancClient, copy: BackupCopy) -> None:
     room by deleting its oldest unprotected patients (Orthanc 1.10 has no
     setting to refuse instead), so a later copy could silently remove a
     study whose only copy is now on Backup. A protected patient is never
-    recycled: a full Backup then rejects new instances, and those studies
-    stay on Main as incomplete.
+    recycled, so a full Backup rejects new uploads with HTTP 500 instead, and
+    those studies stay on Main as failed.
     """
     for patient_id in copy.patients:
         backup.request("PUT", f"/patients/{patient_id}/protected", data="1")
@@ -1481,9 +1481,9 @@ def delete_unchanged(
 ) -> None:
     """Delete the verified instances whose file on Main is still the one verified.
 
-    Main may store a new file under the same instance ID after the check (with
-    OverwriteInstances), and the audit log may have become unwritable; in
-    both cases the instances stay on Main.
+    With OverwriteInstances, Main may store a new file under the same instance
+    ID after the check, and such an instance stays on Main. Nothing is deleted
+    when the audit log can no longer be written.
     """
     if context.log is not None:
         context.log.ensure_writable()
@@ -1512,7 +1512,11 @@ def unchanged_instances(
 
 @dataclass(frozen=True)
 class Verdict:
-    """What to do with a study once Backup has been asked about it."""
+    """Decision for one study once Backup was queried.
+
+    It carries the row's status and message, and exactly the instances that
+    may be deleted from Main.
+    """
 
     status: str
     message: str

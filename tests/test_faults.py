@@ -200,6 +200,43 @@ def test_instance_download_cut_keeps_instance(
     assert_backup_bytes_equal(backup, study)
 
 
+def test_archive_reset_keeps_study(
+    main, backup, main_proxy, run_rotate, tmp_path, read_log, log_csv
+):
+    study = upload_study(main, tmp_path / "study", instances=3, pixel_bytes=200_000)
+    rule = main_proxy.add_rule(
+        "GET", r"^/studies/[^/]+/archive", reset_response_after=100_000
+    )
+    env = {"ORTHANC_MAIN_URL": main_proxy.url, **FAST_FAILURE_ENV}
+
+    result = run_rotate("--transfer", "zip", env=env)
+
+    assert rule.applied >= 1, "the tool never downloaded /studies/{id}/archive"
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert_main_untouched(main, study)
+    assert _status(read_log, log_csv, study) == "failed"
+
+
+def test_large_instance_cut_keeps_instance(
+    main, backup, main_proxy, run_rotate, tmp_path, read_log, log_csv
+):
+    # Files above 4 MiB are streamed in blocks instead of read in one piece.
+    study = upload_study(main, tmp_path / "study", instances=2, pixel_bytes=5_000_000)
+    rule = main_proxy.add_rule(
+        "GET", r"^/instances/[^/]+/file", count=1, cut_response_after=2_000_000
+    )
+    env = {"ORTHANC_MAIN_URL": main_proxy.url, **FAST_FAILURE_ENV}
+
+    result = run_rotate("--transfer", "instances", env=env)
+
+    assert rule.applied == 1, "the tool never downloaded /instances/{id}/file"
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert_main_untouched(main, study)
+    assert _status(read_log, log_csv, study) in UNFINISHED
+
+
 def test_backup_hang_times_out(main, backup, backup_proxy, run_rotate, tmp_path):
     study = upload_study(main, tmp_path / "study")
     backup_proxy.add_rule(None, "", delay=HOLD_S)
