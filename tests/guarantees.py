@@ -49,9 +49,7 @@ FAST_FAILURE_ENV = {
 def upload_study(server: OrthancServer, directory: Path, **study_options) -> Study:
     """Write a study with write_study, upload every instance and wait for IsStable."""
     study = write_study(directory, **study_options)
-    for path in study.paths:
-        server.upload(path)
-    server.wait_stable()
+    server.upload_stable(study.paths)
     return study
 
 

@@ -315,6 +315,15 @@ class OrthancServer:
             ids += [i["ID"] for i in self.get_json(f"/studies/{study_id}/instances")]
         return ids
 
+    def upload_stable(self, paths) -> None:
+        """Upload every file in `paths`, then wait until every study is stable.
+
+        The tool holds back studies that Main reports as not stable.
+        """
+        for path in paths:
+            self.upload(path)
+        self.wait_stable()
+
     def wait_stable(self, timeout: float = 10) -> None:
         """Poll until every study IsStable, or raise TimeoutError after `timeout` s."""
         deadline = time.monotonic() + timeout

@@ -18,12 +18,6 @@ from pydicom.uid import generate_uid
 OLD_DATE = "20170101"
 
 
-def upload_stable(server, paths) -> None:
-    for path in paths:
-        server.upload(path)
-    server.wait_stable()
-
-
 def instance_keys(server) -> set[tuple[str, str, str]]:
     """(SeriesInstanceUID, SOPInstanceUID, MD5) for every instance on `server`."""
     keys = set()
@@ -71,7 +65,7 @@ def test_forwarder_with_empty_change_log(main, tmp_path, run_rotate):
     fingerprint cannot tell, so the stored-file check has to.
     """
     study = write_study(tmp_path / "dicom", study_date=OLD_DATE, instances=3)
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
     main.delete("/changes")
 
     with FaultProxy(main.url) as proxy:
@@ -84,7 +78,7 @@ def test_forwarder_with_empty_change_log(main, tmp_path, run_rotate):
 def test_forwarder_while_main_receives(main, tmp_path, run_rotate):
     """The two `/changes?last` reads race with instances arriving on Main."""
     study = write_study(tmp_path / "old", study_date=OLD_DATE, instances=3)
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
     live = write_study(tmp_path / "live", study_date=None, instances=300)
     done = threading.Event()
 
@@ -172,7 +166,7 @@ def test_check_rejects_foreign_csv(tmp_path, run_rotate):
 
 def test_unknown_env_file_key(main, tmp_path, run_rotate):
     study = write_study(tmp_path / "dicom", study_date=OLD_DATE, instances=2)
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
     (tmp_path / ".env").write_text("ROTATE_DRYRUN=1\nROTATE_NODELETE=1\n")
 
     result = run_rotate()

@@ -16,12 +16,6 @@ from dicom_studies import write_study
 from faultproxy import FaultProxy
 
 
-def upload_stable(server, paths) -> None:
-    for path in paths:
-        server.upload(path)
-    server.wait_stable()
-
-
 def instance_keys(server) -> set[tuple[str, str, str, str]]:
     """(PatientID, Study, Series, SOP) of every instance on `server`."""
     keys = set()
@@ -51,7 +45,7 @@ def test_protect_after_patient_recreated(main, backup, run_rotate, tmp_path):
     a1 = write_study(tmp_path / "a1", patient_id="P1", study_date="20200101")
     b = write_study(tmp_path / "b", patient_id="P9", study_date="20200102")
     a2 = write_study(tmp_path / "a2", patient_id="P1", study_date="20200103")
-    upload_stable(main, a1.paths + b.paths + a2.paths)
+    main.upload_stable(a1.paths + b.paths + a2.paths)
     before = instance_keys(main)
     study_b = main.study_ids_for_uid(b.study_instance_uid)[0]
     study_a2 = main.study_ids_for_uid(a2.study_instance_uid)[0]
@@ -83,7 +77,7 @@ def test_overwrite_after_md5_check(main, backup, run_rotate, tmp_path):
     """
     main.restart(config={"OverwriteInstances": True})
     study = write_study(tmp_path / "s", study_date="20200101", instances=2)
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
     dataset = pydicom.dcmread(study.paths[0])
     dataset.PixelData = os.urandom(len(dataset.PixelData))
     buffer = io.BytesIO()
@@ -109,7 +103,7 @@ def test_overwrite_after_md5_check(main, backup, run_rotate, tmp_path):
 def test_log_folder_removed_mid_run(main, backup, run_rotate, tmp_path, read_log):
     """Rows written to a deleted CSV reach no file: the run must not exit 0."""
     study = write_study(tmp_path / "s", study_date="20200101")
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
     folder = tmp_path / "logs"
     folder.mkdir()
     log_path = folder / "log.csv"

@@ -25,15 +25,6 @@ def upload(server, paths) -> None:
         server.upload(path)
 
 
-def upload_stable(server, paths) -> None:
-    """Upload `paths` and wait until Orthanc marks the studies stable.
-
-    The tool holds back studies that Main reports as not stable.
-    """
-    upload(server, paths)
-    server.wait_stable()
-
-
 def rows_or_empty(log_csv, read_log) -> list[dict]:
     return read_log(log_csv) if log_csv.exists() else []
 
@@ -69,7 +60,7 @@ def instance_count(server) -> int:
 
 def test_old_study_migrated(main, backup, tmp_path, run_rotate, log_csv, read_log):
     study = write_study(tmp_path / "dicom", study_date=OLD_DATE, instances=3)
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
 
     result = run_rotate()
 
@@ -91,7 +82,7 @@ def test_old_study_migrated(main, backup, tmp_path, run_rotate, log_csv, read_lo
 
 
 def test_csv_header_columns(main, backup, tmp_path, run_rotate, log_csv):
-    upload_stable(main, write_study(tmp_path / "dicom", instances=1).paths)
+    main.upload_stable(write_study(tmp_path / "dicom", instances=1).paths)
 
     run_rotate()
 
@@ -102,7 +93,7 @@ def test_csv_header_columns(main, backup, tmp_path, run_rotate, log_csv):
 
 def test_recent_study_untouched(main, backup, tmp_path, run_rotate, log_csv, read_log):
     study = write_study(tmp_path / "dicom", study_date=days_ago(10))
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
 
     result = run_rotate()
 
@@ -129,7 +120,7 @@ def test_unusable_date_uses_last_update(
     recent = write_study(tmp_path / "recent", study_date=study_date, patient_id="R")
     aged = write_study(tmp_path / "aged", study_date=study_date, patient_id="A")
     main.upload_aged(aged.paths, AGED_DAYS)
-    upload_stable(main, recent.paths)
+    main.upload_stable(recent.paths)
 
     result = run_rotate()
 
@@ -149,7 +140,7 @@ def test_dotted_date_uses_study_date(
     main, backup, tmp_path, run_rotate, log_csv, read_log
 ):
     study = write_study(tmp_path / "dicom", study_date="2019.01.01")
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
 
     result = run_rotate()
 
@@ -164,7 +155,7 @@ def test_complete_on_backup_deleted(
     main, backup, tmp_path, run_rotate, log_csv, read_log
 ):
     study = write_study(tmp_path / "dicom", instances=3)
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
     upload(backup, study.paths)
 
     result = run_rotate()
@@ -181,7 +172,7 @@ def test_partly_on_backup_migrated(
     main, backup, tmp_path, run_rotate, log_csv, read_log
 ):
     study = write_study(tmp_path / "dicom", instances=4, series=2)
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
     upload(backup, study.paths[:2])
 
     result = run_rotate()
@@ -203,7 +194,7 @@ def test_dry_run_changes_nothing(
     main, backup, tmp_path, run_rotate, log_csv, read_log, args, env
 ):
     studies = [write_study(tmp_path / f"s{i}", patient_id=f"P{i}") for i in range(2)]
-    upload_stable(main, [path for study in studies for path in study.paths])
+    main.upload_stable([path for study in studies for path in study.paths])
     main_before = last_change(main)
     backup_before = last_change(backup)
 
@@ -220,7 +211,7 @@ def test_dry_run_changes_nothing(
 
 def test_no_delete_keeps_main(main, backup, tmp_path, run_rotate, log_csv, read_log):
     study = write_study(tmp_path / "dicom", instances=3)
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
 
     result = run_rotate("--no-delete")
 
@@ -236,7 +227,7 @@ def test_second_run_finds_nothing(
 ):
     recent = write_study(tmp_path / "recent", study_date=days_ago(5), patient_id="R")
     old = write_study(tmp_path / "old", patient_id="O")
-    upload_stable(main, recent.paths + old.paths)
+    main.upload_stable(recent.paths + old.paths)
     first = run_rotate()
     rows_after_first = read_log(log_csv)
 
@@ -257,7 +248,7 @@ def test_limit_find_results_all_migrated(
         write_study(tmp_path / f"s{i}", patient_id=f"P{i}", instances=1)
         for i in range(12)
     ]
-    upload_stable(main, [study.paths[0] for study in studies])
+    main.upload_stable([study.paths[0] for study in studies])
 
     result = run_rotate()
 
@@ -297,7 +288,7 @@ def test_csv_special_identifiers(
         patient_name="Gómez^José Ñúñez^山田",
         accession_number=accession_number,
     )
-    upload_stable(main, study.paths)
+    main.upload_stable(study.paths)
 
     result = run_rotate()
 
@@ -340,7 +331,7 @@ def test_max_studies_limits_run(main, backup, tmp_path, run_rotate, log_csv, rea
         write_study(tmp_path / f"s{i}", patient_id=f"P{i}", instances=1)
         for i in range(5)
     ]
-    upload_stable(main, [study.paths[0] for study in studies])
+    main.upload_stable([study.paths[0] for study in studies])
 
     result = run_rotate("--max-studies", "2")
 

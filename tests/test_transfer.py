@@ -16,10 +16,7 @@ OLD_DATE = "20150101"
 
 
 def load(server, studies):
-    for study in studies:
-        for path in study.paths:
-            server.upload(path)
-    server.wait_stable()
+    server.upload_stable(path for study in studies for path in study.paths)
 
 
 def old_studies(tmp_path, count, **kwargs):
