@@ -21,7 +21,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicom_studies import write_study
-from faultproxy import FaultProxy
+from faultproxy import FaultProxy, unused_port
 from guarantees import (
     CSV_COLUMNS,
     FAST_FAILURE_ENV,
@@ -66,17 +66,18 @@ def _backup_is_empty(backup) -> bool:
 
 
 @contextlib.contextmanager
-def _authentication(server):
-    """Restart `server` with HTTP Basic authentication for USERNAME/PASSWORD.
+def _authentication(server, username: str = USERNAME, password: str = PASSWORD):
+    """Restart `server` with HTTP Basic authentication for one user.
 
     The conftest reset restarts it without authentication for the next test.
     """
-    server.session.auth = (USERNAME, PASSWORD)
+    # Orthanc compares the UTF-8 bytes of the credentials.
+    server.session.auth = (username.encode(), password.encode())
     try:
         server.restart(
             config={
                 "AuthenticationEnabled": True,
-                "RegisteredUsers": {USERNAME: PASSWORD},
+                "RegisteredUsers": {username: password},
             }
         )
         yield
@@ -256,6 +257,44 @@ def test_password_from_dotenv_works(
 
     assert result.returncode == 0, result.stderr
     _assert_no_secret(result, log_csv, PASSWORD)
+
+
+@pytest.mark.parametrize("transfer", ["zip", "instances"])
+@pytest.mark.parametrize("server_name", ["main", "backup"])
+def test_non_ascii_credentials_work(
+    main, backup, run_rotate, tmp_path, log_csv, server_name, transfer
+):
+    # "ñ" is Latin-1 and "€" is not: both must reach Orthanc as UTF-8.
+    username, password = "médico", "contraseña-€"
+    study = upload_study(main, tmp_path / "study")
+    server = main if server_name == "main" else backup
+    prefix = f"ORTHANC_{server_name.upper()}"
+    env = {f"{prefix}_USERNAME": username, f"{prefix}_PASSWORD": password}
+
+    with _authentication(server, username, password):
+        result = run_rotate("--transfer", transfer, env=env)
+        assert_migrated(main, backup, study)
+
+    assert result.returncode == 0, result.stderr
+    assert password not in result.stderr + result.stdout + log_csv.read_text()
+
+
+# Proxy settings of the environment
+
+
+def test_proxy_variables_are_ignored(main, backup, run_rotate, tmp_path):
+    study = upload_study(main, tmp_path / "study", instances=3)
+    nowhere = f"http://127.0.0.1:{unused_port()}"
+    env = {
+        name: nowhere
+        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy")
+    }
+    env.update({"NO_PROXY": None, "no_proxy": None})
+
+    result = run_rotate("--transfer", "instances", env=env)
+
+    assert result.returncode == 0, result.stderr
+    assert_migrated(main, backup, study)
 
 
 # Modes that must not change Main
