@@ -12,9 +12,9 @@ trap 'report_failure $LINENO' ERR
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 # Tools that tests, linters and benchmarks run: Orthanc servers, faketime
-# for old LastUpdate values, cron for the cronjob, the shell linter and
-# /usr/bin/time.
-DEBIAN_PACKAGES=(orthanc faketime cron shellcheck time)
+# for old LastUpdate values, cron for the cronjob, the shell linter,
+# /usr/bin/time, and openssl for the certificate of the HTTPS tests.
+DEBIAN_PACKAGES=(orthanc faketime cron shellcheck time openssl)
 VENV_DIR=.venv
 
 # shellcheck source=scripts/install.sh

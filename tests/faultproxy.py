@@ -1,4 +1,4 @@
-"""Fault-injecting HTTP/1.1 reverse proxy on 127.0.0.1 for tests.
+"""Fault-injecting HTTP/1.1 (or HTTPS) reverse proxy on 127.0.0.1 for tests.
 
 One FaultProxy sits between the tool and one Orthanc server. Rules select requests
 by method and path regex and then return an error status, reset the connection,
@@ -17,6 +17,7 @@ import contextlib
 import json
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -215,13 +216,17 @@ class FaultProxy:
     the upstream server's URL.
     """
 
-    def __init__(self, upstream_url: str) -> None:
+    def __init__(
+        self, upstream_url: str, tls_context: ssl.SSLContext | None = None
+    ) -> None:
+        """`tls_context`, a server-side SSLContext, makes the proxy serve HTTPS."""
         parts = urlsplit(upstream_url)
         if parts.scheme != "http" or parts.hostname is None or parts.port is None:
             raise ValueError(
                 f"upstream URL {upstream_url!r} is invalid: use http://HOST:PORT"
             )
         self.upstream = (parts.hostname, parts.port)
+        self.tls_context = tls_context
         self.rules: list[Rule] = []
         self.requests: list[RequestRecord] = []
         self.errors: list[str] = []
@@ -246,7 +251,8 @@ class FaultProxy:
         listener.bind(("127.0.0.1", 0))
         listener.listen(64)
         self._listener = listener
-        self.url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        scheme = "http" if self.tls_context is None else "https"
+        self.url = f"{scheme}://127.0.0.1:{listener.getsockname()[1]}"
         self._accept_thread = threading.Thread(
             target=self._accept_loop, name="faultproxy-accept", daemon=True
         )
@@ -334,6 +340,9 @@ class FaultProxy:
     def _serve(self, client: socket.socket) -> None:
         upstream = None
         try:
+            if self.tls_context is not None:
+                client.settimeout(SOCKET_TIMEOUT)
+                client = self.tls_context.wrap_socket(client, server_side=True)
             self._track(client)
             upstream = self._handle(client)
         except (OSError, _ConnectionEnded, ValueError) as error:
