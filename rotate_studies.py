@@ -818,8 +818,7 @@ class OrthancClient:
             retry=False,
         )
         with response:
-            answer = response.json()
-        return answer if isinstance(answer, list) else [answer]
+            return upload_statuses(response)
 
     def _send_file_request(self, method, path, body, headers) -> FileResponse:
         raw = self.file_pool.urlopen(
@@ -844,11 +843,26 @@ class OrthancClient:
             headers={"Content-Type": content_type},
             retry=False,
         )
-        answer = response.json()
-        return answer if isinstance(answer, list) else [answer]
+        return upload_statuses(response)
 
     def bulk_delete(self, instance_ids: list[str]) -> None:
         self.request("POST", "/tools/bulk-delete", json={"Resources": instance_ids})
+
+
+def upload_statuses(response) -> list[dict]:
+    """Return one status object per file from a POST /instances response.
+
+    Orthanc answers one object for a DICOM file and a list for a ZIP. A body
+    that is neither (a proxy's error page, say) counts as one file with the
+    status "unreadable response"; the verification then asks Backup.
+    """
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = None
+    answers = answer if isinstance(answer, list) else [answer]
+    unreadable = {"Status": "unreadable response"}
+    return [item if isinstance(item, dict) else unreadable for item in answers]
 
 
 def basic_authorization(username: str, password: str) -> str:

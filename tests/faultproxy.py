@@ -51,6 +51,8 @@ class Rule:
     `method` None matches every method. `path` is a regex searched in the request
     target (path and query). The first `skip` matching requests pass unchanged,
     and the fault then applies to at most `count` requests (None: every later one).
+    `status` responds without forwarding, with `body` when given (else a JSON
+    error in Orthanc's format).
     Byte limits count bytes after the message head as sent on the wire, so for a
     chunked body they include the chunk framing.
     """
@@ -60,6 +62,7 @@ class Rule:
     count: int | None = None
     skip: int = 0
     status: int | None = None
+    body: bytes | None = None
     reset_request_after: int | None = None
     reset_response_after: int | None = None
     cut_response_after: int | None = None
@@ -387,7 +390,7 @@ class FaultProxy:
         if fault.status is not None:
             for _ in body:
                 pass
-            self._send_error_response(client, fault.status)
+            self._send_error_response(client, fault.status, body=fault.body)
             return None
         if fault.delay and self._stopping.wait(fault.delay):
             return None
@@ -473,10 +476,15 @@ class FaultProxy:
         return False
 
     def _send_error_response(
-        self, client: socket.socket, status: int, message: str = ""
+        self,
+        client: socket.socket,
+        status: int,
+        message: str = "",
+        body: bytes | None = None,
     ) -> None:
-        text = message or f"fault injected by the test proxy: HTTP {status}"
-        body = json.dumps({"HttpStatus": status, "Message": text}).encode()
+        if body is None:
+            text = message or f"fault injected by the test proxy: HTTP {status}"
+            body = json.dumps({"HttpStatus": status, "Message": text}).encode()
         headers = [
             ("Content-Type", "application/json"),
             ("Content-Length", str(len(body))),

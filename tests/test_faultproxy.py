@@ -114,6 +114,13 @@ def test_status_rule_applies_count_times(proxy):
     assert rule.applied == 1
 
 
+def test_status_rule_sends_given_body(proxy):
+    proxy.add_rule("POST", "/echo", status=200, body=b"<html>not JSON</html>")
+    reply = requests.post(f"{proxy.url}/echo", data=b"a", timeout=10)
+    assert reply.status_code == 200
+    assert reply.content == b"<html>not JSON</html>"
+
+
 def test_status_rule_skips_first_match(proxy):
     proxy.add_rule("POST", "/echo", status=500, skip=1)
     first = requests.post(f"{proxy.url}/echo", data=b"a", timeout=10)

@@ -138,6 +138,29 @@ def test_backup_reset_midupload(
     assert_migrated(main, backup, study)
 
 
+@pytest.mark.parametrize("transfer", ["zip", "instances"])
+@pytest.mark.parametrize(
+    "body", [b"<html>proxy error page</html>", b'[1, "Success"]'], ids=["html", "list"]
+)
+def test_backup_unreadable_upload_response(
+    main, backup, backup_proxy, run_rotate, tmp_path, read_log, log_csv, transfer, body
+):
+    # HTTP 200 with a body that is not Orthanc's, and nothing stored.
+    study = upload_study(main, tmp_path / "study", instances=3)
+    rule = backup_proxy.add_rule("POST", r"^/instances/?$", status=200, body=body)
+    env = {"ORTHANC_BACKUP_URL": backup_proxy.url, **FAST_FAILURE_ENV}
+
+    result = run_rotate("--transfer", transfer, env=env)
+
+    assert result.returncode == 1, result.stderr
+    assert rule.applied >= 1
+    assert "Traceback" not in result.stderr
+    assert_main_untouched(main, study)
+    assert _status(read_log, log_csv, study) == "incomplete"
+    message = rows_for(read_log(log_csv), study)[-1]["message"]
+    assert "unreadable response" in message
+
+
 # Main's download cut short
 
 
