@@ -150,6 +150,21 @@ def test_verified_instances_excludes_missing_and_mismatched():
     assert [i.instance_id for i in verified] == ["main-1"]
 
 
+def test_size_mismatches_finds_shorter_copy():
+    copy = rs.BackupCopy(
+        frozenset({"main-1", "main-2"}), None, file_sizes={"main-1": 100, "main-2": 40}
+    )
+    mismatched = rs.size_mismatches([instance(1), instance(2)], copy)
+    assert [i.instance_id for i in mismatched] == ["main-2"]
+
+
+def test_size_mismatches_ignores_unknown_sizes():
+    # Size 0 on Main and no FileSize on Backup mean "unknown", not "different".
+    copy = rs.BackupCopy(frozenset({"main-1", "main-2"}), None, file_sizes={})
+    instances = [instance(1), instance(2, size=0)]
+    assert rs.size_mismatches(instances, copy) == []
+
+
 def test_grace_remaining_while_backup_copy_is_young():
     copy = rs.BackupCopy(frozenset(), NOW - dt.timedelta(days=1))
     assert rs.grace_remaining(copy, 3, NOW) == dt.timedelta(days=2)
@@ -468,6 +483,16 @@ def test_judge_md5_mismatch_keeps_all():
     verdict = judge(TWO_INSTANCES, COMPLETE_COPY, [instance(2)], verify="md5")
     assert verdict.status == "incomplete"
     assert verdict.delete == []
+
+
+def test_judge_size_mismatch_keeps_all():
+    shorter = rs.BackupCopy(
+        frozenset({"main-1", "main-2"}), NOW, file_sizes={"main-1": 100, "main-2": 40}
+    )
+    verdict = judge(TWO_INSTANCES, shorter)
+    assert verdict.status == "incomplete"
+    assert verdict.delete == []
+    assert "100 bytes on Main, 40 on Backup" in verdict.message
 
 
 def test_judge_no_delete_keeps_all():

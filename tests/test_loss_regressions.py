@@ -194,3 +194,30 @@ def test_huge_numbers_config_error(run_rotate):
         assert name in result.stderr, name
         assert "Traceback" not in result.stderr, name
         assert time.monotonic() - started < 30
+
+
+def test_truncated_copy_on_backup_keeps_main(main, backup, tmp_path, run_rotate):
+    """Backup holds an instance cut before its PixelData, under the same UIDs.
+
+    The cut file is valid DICOM, so Backup stored it, and Backup answers
+    AlreadyStored to the real file. Trusting the SOPInstanceUID alone deletes
+    the only copy of the pixels.
+    """
+    study = write_study(
+        tmp_path / "dicom", study_date=OLD_DATE, instances=2, pixel_bytes=20_000
+    )
+    whole = study.paths[0].read_bytes()
+    truncated = whole[: whole.index(b"\xe0\x7f\x10\x00")]  # (7FE0,0010) PixelData
+    for path in study.paths:
+        main.upload(path)
+    main.wait_stable()
+    backup.upload(truncated)
+    before = instance_keys(main) | instance_keys(backup)
+
+    result = run_rotate("--transfer", "instances")
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    after = instance_keys(main) | instance_keys(backup)
+    assert before - after == set(), "an instance exists on neither server"
+    assert main.sop_uids(study.study_instance_uid) == set(study.sop_instance_uids)

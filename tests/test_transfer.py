@@ -8,6 +8,7 @@ import pty
 import subprocess
 import sys
 
+import pytest
 from conftest import TOOL
 from dicom_studies import write_study
 from faultproxy import FaultProxy
@@ -54,6 +55,22 @@ def test_instances_mode_copies_identical_bytes(main, backup, tmp_path, run_rotat
         for instance_id in backup.instance_ids(study.study_instance_uid)
     }
     assert copies == originals
+
+
+@pytest.mark.parametrize("compressed", ["main", "backup"])
+def test_compressed_storage_migrates(main, backup, tmp_path, run_rotate, compressed):
+    # Orthanc reports the uncompressed FileSize, which the verification
+    # compares between the servers.
+    server = main if compressed == "main" else backup
+    server.restart(config={"StorageCompression": True})
+    (study,) = old_studies(tmp_path, 1, instances=3, pixel_bytes=50_000)
+    load(main, [study])
+
+    result = run_rotate("--transfer", "instances")
+
+    assert result.returncode == 0, result.stderr
+    assert backup.sop_uids(study.study_instance_uid) == set(study.sop_instance_uids)
+    assert main.study_ids() == []
 
 
 def test_zip_mode_switches_to_instances_for_large_study(
