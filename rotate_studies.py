@@ -158,7 +158,7 @@ class AuditLogError(Exception):
 
 
 class StopRequested(Exception):
-    """SIGTERM or SIGINT arrived while a transfer was streaming."""
+    """The run is stopping (a signal, or an error that ends the run) mid-copy."""
 
 
 # --------------------------------------------------------------------------
@@ -351,15 +351,16 @@ OPTIONS = (
            "keep a verified study on Main until Backup has held it N days "
            "(default 0)", metavar="N"),
     Option("verify", "ROTATE_VERIFY", "--verify", parse_choice("sop", "md5"),
-           "sop: every SOPInstanceUID is on Backup (default); md5: also the "
-           "same file MD5", metavar="{sop,md5}"),
+           "sop: every instance is on Backup under the same UIDs and "
+           "PatientID, with the same file size (default); md5: also the same "
+           "file MD5", metavar="{sop,md5}"),
     Option("transfer", "ROTATE_TRANSFER", "--transfer",
            parse_choice("zip", "instances"),
            "zip: stream each study's archive (default); instances: copy "
            "instance files in parallel", metavar="{zip,instances}"),
     Option("workers", "ROTATE_WORKERS", "--workers", parse_int(1, 64),
-           "transfers at once: studies in zip mode, instances in instances "
-           "mode (default 4)", metavar="N"),
+           "studies copied at once in zip mode, and instance files copied at "
+           "once in both modes (default 4)", metavar="N"),
     Option("zip_max_mb", "ROTATE_ZIP_MAX_MB", "--zip-max-mb", parse_int(1, 10**7),
            "studies larger than this many MB go instance by instance "
            "(default 1024)", metavar="MB"),
@@ -945,6 +946,11 @@ class FileResponse:
         self.close()
 
 
+def describe_auth_error(error: OrthancAuthError) -> str:
+    prefix = f"ORTHANC_{error.server.upper()}"
+    return f"{error}. Check {prefix}_USERNAME and {prefix}_PASSWORD"
+
+
 def describe_network_error(error: Exception) -> str:
     text = str(error)
     if isinstance(error, (requests.Timeout, urllib3.exceptions.TimeoutError)):
@@ -1251,7 +1257,7 @@ def md5_mismatches(
     main: OrthancClient,
     backup: OrthancClient,
     present: list[MainInstance],
-    workers: int,
+    pool: concurrent.futures.Executor,
 ) -> list[MainInstance]:
     """Return the instances whose stored DICOM file differs between the servers.
 
@@ -1262,8 +1268,7 @@ def md5_mismatches(
         main_md5 = main.instance_md5(instance.instance_id)
         return main_md5 != backup.instance_md5(instance.instance_id)
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        flags = list(pool.map(differs, present))
+    flags = list(pool.map(differs, present))
     return [instance for instance, flag in zip(present, flags, strict=True) if flag]
 
 
@@ -1302,6 +1307,86 @@ def grace_remaining(
     return remaining if remaining > dt.timedelta(0) else None
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """Decision for one study once Backup was queried.
+
+    It carries the row's status and message, and exactly the instances that
+    may be deleted from Main.
+    """
+
+    status: str
+    message: str
+    delete: list[MainInstance] = field(default_factory=list)
+
+
+def judge_copy(
+    instances: list[MainInstance],
+    copy: BackupCopy,
+    mismatched: list[MainInstance],
+    settings: Settings,
+    *,
+    copied: bool,
+    stopping: bool,
+    now: dt.datetime,
+) -> Verdict:
+    """Decide, from Backup's fresh answer, whether the study may leave Main.
+
+    Only a study that Backup holds completely, with the same file sizes
+    (and MD5s under --verify md5), yields instances to delete, and those are exactly the
+    instances that were verified.
+    """
+    total = len(instances)
+    missing = missing_instances(instances, copy)
+    if missing and stopping:
+        return Verdict(
+            SKIPPED,
+            f"the run was asked to stop during the copy; Backup lacks "
+            f"{len(missing)} of {total} instances; kept on Main",
+        )
+    if missing:
+        return Verdict(
+            INCOMPLETE,
+            f"Backup lacks {len(missing)} of {total} instances after the copy; "
+            "kept on Main",
+        )
+    resized = size_mismatches(instances, copy)
+    if resized:
+        first = resized[0]
+        return Verdict(
+            INCOMPLETE,
+            f"{len(resized)} of {total} instances have a different file size on "
+            f"Backup (SOPInstanceUID {first.sop_instance_uid}: {first.size} bytes "
+            f"on Main, {copy.file_sizes[first.instance_id]} on Backup); "
+            "kept on Main",
+        )
+    if mismatched:
+        return Verdict(
+            INCOMPLETE,
+            f"{len(mismatched)} of {total} instances have a different MD5 on "
+            "Backup; kept on Main",
+        )
+    verified = verified_instances(instances, copy, mismatched)
+    check = "instance UIDs and file size"
+    if settings.verify == "md5":
+        check = "instance UIDs, file size and MD5"
+    done = f"{len(verified)} instances verified on Backup by {check}"
+    kept = TRANSFERRED if copied else SKIPPED
+    remaining = grace_remaining(copy, settings.grace_days, now)
+    if settings.no_delete:
+        return Verdict(kept, f"{done}; kept on Main (--no-delete)")
+    if remaining is not None:
+        return Verdict(
+            kept,
+            f"{done}; kept on Main for {format_duration(remaining)} more "
+            f"(grace period of {settings.grace_days} days on Backup)",
+        )
+    if stopping:
+        return Verdict(kept, f"{done}; kept on Main because the run was asked to stop")
+    deleted = MIGRATED if copied else DELETED
+    return Verdict(deleted, done, verified)
+
+
 # --------------------------------------------------------------------------
 # Copy what Backup lacks
 # --------------------------------------------------------------------------
@@ -1333,7 +1418,7 @@ class UploadResult:
 
 
 class DownloadFailed(Exception):
-    """Main's response broke off, or ended before its Content-Length."""
+    """A download from Main broke off, or its length differs from the file's."""
 
 
 class StreamedBody(io.RawIOBase):
@@ -1367,9 +1452,14 @@ class StreamedBody(io.RawIOBase):
     def read(self, size: int = -1) -> bytes:
         if self.stop.is_set():
             raise StopRequested()
-        data = self._read(CHUNK_BYTES if size < 0 else size)
+        size = CHUNK_BYTES if size < 0 else size
+        if self.expected is not None and self.expected - self.sent <= size:
+            # Ask for one byte more than the rest, so that a longer download
+            # is caught before its last block goes out and completes the upload.
+            size = self.expected - self.sent + 1
+        data = self._read(size)
         self.sent += len(data)
-        if not data:
+        if not data or (self.expected is not None and self.sent > self.expected):
             self._check_length(self.sent)
         return data
 
@@ -1426,31 +1516,31 @@ def transfer_instances(
     main: OrthancClient,
     backup: OrthancClient,
     missing: list[MainInstance],
-    workers: int,
+    pool: concurrent.futures.Executor,
     stop: threading.Event,
 ) -> UploadResult:
-    """Copy instance files in parallel; record errors without stopping the rest."""
+    """Copy instance files on the run's copy pool; record errors, go on."""
     result = UploadResult()
     errors: list[str] = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = [
-            pool.submit(copy_instance, main, backup, instance, stop)
-            for instance in missing
-        ]
-        for future in concurrent.futures.as_completed(futures):
-            try:
-                answers, sent = future.result()
-            except StopRequested:
-                continue
-            except OrthancAuthError:
-                # Rejected credentials fail every copy: end the run instead.
-                pool.shutdown(cancel_futures=True)
-                raise
-            except (OrthancError, DownloadFailed) as error:
-                errors.append(str(error))
-                continue
-            result.add(answers)
-            result.copied_bytes += sent
+    futures = [
+        pool.submit(copy_instance, main, backup, instance, stop) for instance in missing
+    ]
+    for future in concurrent.futures.as_completed(futures):
+        try:
+            answers, sent = future.result()
+        except StopRequested:
+            continue
+        except OrthancAuthError:
+            # Rejected credentials fail every copy: end the run instead.
+            for pending in futures:
+                pending.cancel()
+            concurrent.futures.wait(futures)
+            raise
+        except (OrthancError, DownloadFailed) as error:
+            errors.append(str(error))
+            continue
+        result.add(answers)
+        result.copied_bytes += sent
     if errors:
         result.statuses["error"] = len(errors)
         result.first_error = errors[0]
@@ -1503,15 +1593,83 @@ def protect_on_backup(backup: OrthancClient, copy: BackupCopy) -> None:
         backup.request("PUT", f"/patients/{patient_id}/protected", data="1")
 
 
+class DeletionFailed(Exception):
+    """A bulk-delete failed after the instances in `deleted` were deleted."""
+
+    def __init__(self, deleted: list[MainInstance], error: OrthancError):
+        super().__init__(str(error))
+        self.deleted = deleted
+        self.error = error
+
+
 def delete_verified(main: OrthancClient, verified: list[MainInstance]) -> None:
     """Delete from Main the instances that Backup was asked about and holds.
 
     Deleting by instance ID, never by study, leaves on Main any instance that
-    arrived after the verification.
+    arrived after the verification. A failed batch raises DeletionFailed
+    with the instances of the batches before it.
     """
-    ids = [instance.instance_id for instance in verified]
-    for start in range(0, len(ids), DELETE_BATCH):
-        main.bulk_delete(ids[start : start + DELETE_BATCH])
+    for start in range(0, len(verified), DELETE_BATCH):
+        batch = verified[start : start + DELETE_BATCH]
+        try:
+            main.bulk_delete([instance.instance_id for instance in batch])
+        except OrthancError as error:
+            raise DeletionFailed(verified[:start], error) from error
+
+
+def delete_unchanged(
+    context: RunContext,
+    candidate: Candidate,
+    verified: list[MainInstance],
+    outcome: StudyOutcome,
+) -> None:
+    """Delete the verified instances whose file on Main is still the one verified.
+
+    With OverwriteInstances, Main may store a new file under the same instance
+    ID after the check, and such an instance stays on Main. Nothing is deleted
+    when the audit log can no longer be written.
+    """
+    if context.log is not None:
+        context.log.ensure_writable()
+    # NOTE: Orthanc 1.10 has no conditional delete, so a file rewritten
+    # between this listing and the bulk-delete (milliseconds) is still lost.
+    current = instances_still_on_main(context.main, candidate)
+    unchanged = unchanged_instances(verified, current)
+    try:
+        delete_verified(context.main, unchanged)
+    except DeletionFailed as failure:
+        record_failed_deletion(context, outcome, failure, len(unchanged))
+        return
+    outcome.freed_bytes = sum(i.size for i in unchanged)
+    outcome.message += f"; deleted {len(unchanged)} from Main"
+    changed = len(verified) - len(unchanged)
+    if changed:
+        outcome.message += (
+            f"; {changed} instances changed or vanished on Main after the "
+            "verification and were not deleted"
+        )
+
+
+def record_failed_deletion(
+    context: RunContext, outcome: StudyOutcome, failure: DeletionFailed, total: int
+) -> None:
+    """Mark the study failed; every instance deleted so far was verified."""
+    outcome.status = FAILED
+    outcome.freed_bytes = sum(i.size for i in failure.deleted)
+    outcome.message += (
+        f"; deleting from Main failed after {len(failure.deleted)} of {total} "
+        f"verified instances ({failure.error}); the others stay on Main"
+    )
+    if isinstance(failure.error, OrthancAuthError):
+        context.end_run(describe_auth_error(failure.error), EXIT_CONFIG)
+
+
+def unchanged_instances(
+    verified: list[MainInstance], current: list[MainInstance]
+) -> list[MainInstance]:
+    """Return the verified instances that Main still stores as the same file."""
+    current_files = {i.instance_id: i.file_uuid for i in current}
+    return [i for i in verified if current_files.get(i.instance_id) == i.file_uuid]
 
 
 # --------------------------------------------------------------------------
@@ -1539,9 +1697,18 @@ class RunContext:
     main: OrthancClient
     backup: OrthancClient
     stop: threading.Event
+    # ROTATE_WORKERS threads for instance copies and MD5 requests, shared by
+    # the studies in flight, so that zip mode never runs workers² of them.
+    copy_pool: concurrent.futures.Executor
     log: AuditLog | None = None
     # Errors that end the run: (message, exit status).
     fatal_errors: list[tuple[str, int]] = field(default_factory=list)
+
+    def backup_copy(self, candidate: Candidate) -> BackupCopy:
+        """Ask Backup, now, which instances it holds for this study of Main."""
+        return read_backup_copy(
+            self.backup, candidate.study_instance_uid, candidate.patient_id
+        )
 
     def end_run(self, message: str, exit_status: int) -> None:
         """Record an error that stops the run: no new study, no new deletion."""
@@ -1571,12 +1738,12 @@ def describe_plan(missing: int, total: int, settings: Settings) -> str:
 
 def rotate_study(context: RunContext, candidate: Candidate) -> StudyOutcome:
     """Compare, copy, verify and delete one study; return its outcome."""
-    settings, main, backup = context.settings, context.main, context.backup
+    settings, main = context.settings, context.main
     instances = main_instances_of(main, candidate.study_id)
     if not instances:
         return StudyOutcome(SKIPPED, "the study has no instances left on Main")
     size = sum(i.size for i in instances)
-    copy = read_backup_copy(backup, candidate.study_instance_uid, candidate.patient_id)
+    copy = context.backup_copy(candidate)
     missing = missing_instances(instances, copy)
     outcome = StudyOutcome("", instances_main=len(instances), size_bytes=size)
 
@@ -1591,9 +1758,7 @@ def rotate_study(context: RunContext, candidate: Candidate) -> StudyOutcome:
         outcome.transfer = choose_transfer(settings, size)
         upload = run_transfer(context, candidate, instances, missing, outcome.transfer)
         outcome.copied_bytes = upload.copied_bytes
-        copy = read_backup_copy(
-            backup, candidate.study_instance_uid, candidate.patient_id
-        )
+        copy = context.backup_copy(candidate)
     return decide_after_verification(
         context, candidate, instances, copy, upload, outcome
     )
@@ -1602,11 +1767,7 @@ def rotate_study(context: RunContext, candidate: Candidate) -> StudyOutcome:
 def run_transfer(context, candidate, instances, missing, method) -> UploadResult:
     if method == "instances":
         return transfer_instances(
-            context.main,
-            context.backup,
-            missing,
-            context.settings.workers,
-            context.stop,
+            context.main, context.backup, missing, context.copy_pool, context.stop
         )
     return transfer_zip(
         context.main,
@@ -1651,7 +1812,7 @@ def apply_verification(
     mismatched = []
     if settings.verify == "md5" and not missing_instances(instances, copy):
         mismatched = md5_mismatches(
-            context.main, context.backup, instances, settings.workers
+            context.main, context.backup, instances, context.copy_pool
         )
 
     def judge(current: BackupCopy) -> Verdict:
@@ -1670,9 +1831,7 @@ def apply_verification(
         # Protect first, then ask Backup once more: a Backup that recycles
         # patients may have dropped this one before it was protected.
         protect_on_backup(context.backup, copy)
-        copy = read_backup_copy(
-            context.backup, candidate.study_instance_uid, candidate.patient_id
-        )
+        copy = context.backup_copy(candidate)
         reject_shared_storage(instances, copy)
         verdict = judge(copy)
     outcome.status = verdict.status
@@ -1694,123 +1853,6 @@ def reject_shared_storage(instances: list[MainInstance], copy: BackupCopy) -> No
         )
 
 
-def delete_unchanged(
-    context: RunContext,
-    candidate: Candidate,
-    verified: list[MainInstance],
-    outcome: StudyOutcome,
-) -> None:
-    """Delete the verified instances whose file on Main is still the one verified.
-
-    With OverwriteInstances, Main may store a new file under the same instance
-    ID after the check, and such an instance stays on Main. Nothing is deleted
-    when the audit log can no longer be written.
-    """
-    if context.log is not None:
-        context.log.ensure_writable()
-    # NOTE: Orthanc 1.10 has no conditional delete, so a file rewritten
-    # between this listing and the bulk-delete (milliseconds) is still lost.
-    current = instances_still_on_main(context.main, candidate)
-    unchanged = unchanged_instances(verified, current)
-    delete_verified(context.main, unchanged)
-    outcome.freed_bytes = sum(i.size for i in unchanged)
-    outcome.message += f"; deleted {len(unchanged)} from Main"
-    changed = len(verified) - len(unchanged)
-    if changed:
-        outcome.message += (
-            f"; {changed} instances changed or vanished on Main after the "
-            "verification and were not deleted"
-        )
-
-
-def unchanged_instances(
-    verified: list[MainInstance], current: list[MainInstance]
-) -> list[MainInstance]:
-    """Return the verified instances that Main still stores as the same file."""
-    current_files = {i.instance_id: i.file_uuid for i in current}
-    return [i for i in verified if current_files.get(i.instance_id) == i.file_uuid]
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """Decision for one study once Backup was queried.
-
-    It carries the row's status and message, and exactly the instances that
-    may be deleted from Main.
-    """
-
-    status: str
-    message: str
-    delete: list[MainInstance] = field(default_factory=list)
-
-
-def judge_copy(
-    instances: list[MainInstance],
-    copy: BackupCopy,
-    mismatched: list[MainInstance],
-    settings: Settings,
-    *,
-    copied: bool,
-    stopping: bool,
-    now: dt.datetime,
-) -> Verdict:
-    """Decide, from Backup's fresh answer, whether the study may leave Main.
-
-    Only a study that Backup holds completely (with equal MD5s under
-    --verify md5) yields instances to delete, and those are exactly the
-    instances that were verified.
-    """
-    total = len(instances)
-    missing = missing_instances(instances, copy)
-    if missing and stopping:
-        return Verdict(
-            SKIPPED,
-            f"the run was asked to stop during the copy; Backup lacks "
-            f"{len(missing)} of {total} instances; kept on Main",
-        )
-    if missing:
-        return Verdict(
-            INCOMPLETE,
-            f"Backup lacks {len(missing)} of {total} instances after the copy; "
-            "kept on Main",
-        )
-    resized = size_mismatches(instances, copy)
-    if resized:
-        first = resized[0]
-        return Verdict(
-            INCOMPLETE,
-            f"{len(resized)} of {total} instances have a different file size on "
-            f"Backup (SOPInstanceUID {first.sop_instance_uid}: {first.size} bytes "
-            f"on Main, {copy.file_sizes[first.instance_id]} on Backup); "
-            "kept on Main",
-        )
-    if mismatched:
-        return Verdict(
-            INCOMPLETE,
-            f"{len(mismatched)} of {total} instances have a different MD5 on "
-            "Backup; kept on Main",
-        )
-    verified = verified_instances(instances, copy, mismatched)
-    check = "SOPInstanceUID and file size"
-    if settings.verify == "md5":
-        check = "SOPInstanceUID, file size and MD5"
-    done = f"{len(verified)} instances verified on Backup by {check}"
-    kept = TRANSFERRED if copied else SKIPPED
-    remaining = grace_remaining(copy, settings.grace_days, now)
-    if settings.no_delete:
-        return Verdict(kept, f"{done}; kept on Main (--no-delete)")
-    if remaining is not None:
-        return Verdict(
-            kept,
-            f"{done}; kept on Main for {format_duration(remaining)} more "
-            f"(grace period of {settings.grace_days} days on Backup)",
-        )
-    if stopping:
-        return Verdict(kept, f"{done}; kept on Main because the run was asked to stop")
-    deleted = MIGRATED if copied else DELETED
-    return Verdict(deleted, done, verified)
-
-
 def finish_counts(context: RunContext, candidate: Candidate, outcome: StudyOutcome):
     """Fill in the counts as they are when the row is written, as far as known.
 
@@ -1823,11 +1865,9 @@ def finish_counts(context: RunContext, candidate: Candidate, outcome: StudyOutco
         if outcome.size_bytes == "":
             outcome.size_bytes = sum(i.size for i in instances)
         if outcome.instances_backup == "" and outcome.status != FAILED:
-            copy = read_backup_copy(
-                context.backup, candidate.study_instance_uid, candidate.patient_id
-            )
+            copy = context.backup_copy(candidate)
             outcome.instances_backup = copy.total_instances
-    except (OrthancError, requests.RequestException) as error:
+    except Exception as error:  # the counts are best effort; the row matters
         LOG.warning(
             "could not count the instances of %s: %s", candidate.study_id, error
         )
@@ -1845,7 +1885,7 @@ def instances_still_on_main(
 
 
 def process_candidate(context: RunContext, candidate: Candidate) -> StudyOutcome:
-    """Run one study and turn every error into a row; only auth errors escape."""
+    """Run one study and turn every error into its row."""
     outcome = study_outcome(context, candidate)
     if outcome.status != DRY_RUN:
         finish_counts(context, candidate, outcome)
@@ -1858,8 +1898,9 @@ def study_outcome(context: RunContext, candidate: Candidate) -> StudyOutcome:
         return StudyOutcome(SKIPPED, reason)
     try:
         return rotate_study(context, candidate)
-    except OrthancAuthError:
-        raise
+    except OrthancAuthError as error:
+        context.end_run(describe_auth_error(error), EXIT_CONFIG)
+        return StudyOutcome(FAILED, f"{error}; kept on Main")
     except SameServerError as error:
         context.end_run(str(error), EXIT_CONFIG)
         return StudyOutcome(FAILED, f"{error}; kept on Main")
@@ -2380,14 +2421,18 @@ def run_rotation(settings: Settings, stop: threading.Event) -> int:
         started = time.monotonic()
         LOG.info("%s", describe_settings(settings))
         candidates = plan_run(main, settings)
-        context = RunContext(settings, main, backup, stop, log)
+        copy_pool = concurrent.futures.ThreadPoolExecutor(
+            settings.workers, thread_name_prefix="copy"
+        )
+        context = RunContext(settings, main, backup, stop, copy_pool, log)
         if backup_system is None:
             summary = fail_every_study(
                 log, candidates, uuid.uuid4().hex[:12],
                 f"Backup {settings.backup.url} is unreachable",
             )  # fmt: skip
         else:
-            summary = Rotation(context, log, candidates).run()
+            with copy_pool:
+                summary = Rotation(context, log, candidates).run()
         print(summary.text(time.monotonic() - started, len(candidates)))
     finally:
         log.close()
@@ -2424,8 +2469,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except OrthancAuthError as error:
         print(
-            f"error: {error}. Check ORTHANC_{error.server.upper()}_USERNAME and "
-            f"ORTHANC_{error.server.upper()}_PASSWORD; nothing was deleted.",
+            f"error: {describe_auth_error(error)}; nothing was deleted.",
             file=sys.stderr,
         )
         return EXIT_CONFIG

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import io
+import threading
 from pathlib import Path
 
 import pytest
@@ -630,3 +631,50 @@ def test_audit_log_notices_deleted_file(tmp_path):
     with pytest.raises(rs.AuditLogError):
         log.ensure_writable()
     log.close()
+
+
+# Streamed downloads checked against Main's FileSize
+
+
+class FakeDownload:
+    """A response with the attributes StreamedBody reads: headers and raw."""
+
+    def __init__(self, body: bytes, content_length: int | None = None):
+        self.headers = {}
+        if content_length is not None:
+            self.headers["Content-Length"] = str(content_length)
+        self.raw = io.BytesIO(body)
+
+
+def stream_all(body: rs.StreamedBody) -> list[bytes]:
+    chunks = []
+    while chunk := body.read(1000):
+        chunks.append(chunk)
+    return chunks
+
+
+def test_streamed_body_exact_length_passes():
+    body = rs.StreamedBody(FakeDownload(b"x" * 2500), threading.Event(), 2500)
+    assert b"".join(stream_all(body)) == b"x" * 2500
+
+
+def test_streamed_body_shorter_than_file_raises():
+    body = rs.StreamedBody(FakeDownload(b"x" * 2400), threading.Event(), 2500)
+    with pytest.raises(rs.DownloadFailed, match="ended after 2400 of 2500"):
+        stream_all(body)
+
+
+def test_streamed_body_longer_than_file_stops_early():
+    # Without a Content-Length, a longer download must fail before the bytes
+    # handed to the upload reach the file size, which would complete it.
+    handed = []
+    body = rs.StreamedBody(FakeDownload(b"x" * 2600), threading.Event(), 2500)
+    with pytest.raises(rs.DownloadFailed):
+        while chunk := body.read(1000):
+            handed.append(chunk)
+    assert sum(map(len, handed)) < 2500
+
+
+def test_streamed_body_content_length_disagrees():
+    with pytest.raises(rs.DownloadFailed, match="Content-Length 2400"):
+        rs.StreamedBody(FakeDownload(b"x" * 2400, 2400), threading.Event(), 2500)

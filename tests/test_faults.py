@@ -330,6 +330,56 @@ def test_main_killed_during_deletion(
     assert_csv_well_formed(log_csv)
 
 
+def test_bulk_delete_failing_midway_reported(
+    main, backup, run_rotate, tmp_path, read_log, log_csv
+):
+    # 201 instances take two /tools/bulk-delete batches of at most 200.
+    study = upload_study(main, tmp_path / "study", instances=201, pixel_bytes=64)
+    with FaultProxy(main.url) as proxy:
+        rule = proxy.add_rule("POST", r"^/tools/bulk-delete", status=500, skip=1)
+        env = {"ORTHANC_MAIN_URL": proxy.url, **FAST_FAILURE_ENV}
+        result = run_rotate("--transfer", "instances", env=env)
+
+    assert rule.applied == 1
+    assert result.returncode == 1, result.stderr
+    assert missing_instances(main, backup, study) == set()
+    assert len(main.sop_uids(study.study_instance_uid)) == 1
+    row = rows_for(read_log(log_csv), study)[-1]
+    assert row["status"] == "failed"
+    assert "failed after 200 of 201 verified instances" in row["message"]
+    assert "kept on Main" not in row["message"]
+
+
+@pytest.mark.parametrize("transfer", ["zip", "instances"])
+def test_upload_401_midrun_ends_run(
+    main, backup, run_rotate, tmp_path, read_log, log_csv, transfer
+):
+    # Three old studies; Backup rejects the first upload's credentials.
+    studies = [
+        upload_study(
+            main,
+            tmp_path / f"study{index}",
+            patient_id=f"AUTH{index}",
+            study_date=f"2019010{index + 1}",
+        )
+        for index in range(3)
+    ]
+    with FaultProxy(backup.url) as proxy:
+        proxy.add_rule("POST", r"^/instances/?$", status=401)
+        env = {"ORTHANC_BACKUP_URL": proxy.url, **FAST_FAILURE_ENV}
+        result = run_rotate("--transfer", transfer, "--workers", "1", env=env)
+
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "ORTHANC_BACKUP_PASSWORD" in result.stderr
+    for study in studies:
+        assert_main_untouched(main, study)
+    rows = read_log(log_csv)
+    assert [row["status"] for row in rows] == ["failed"]
+    assert rows[0]["study_instance_uid"] == studies[0].study_instance_uid
+    assert "2 old studies left for the next run" in result.stdout
+
+
 # The tool killed or stopped mid-run
 
 
