@@ -53,6 +53,26 @@ def upload_study(server: OrthancServer, directory: Path, **study_options) -> Stu
     return study
 
 
+def upload_studies(
+    server: OrthancServer, directory: Path, count: int, patient_prefix: str, **options
+) -> list[Study]:
+    """Upload `count` studies, each with its own patient, oldest first.
+
+    Their StudyDates are 2019-01-01, 2019-01-02 and so on, so the tool
+    processes them in the order of the returned list.
+    """
+    return [
+        upload_study(
+            server,
+            directory / f"study{index}",
+            patient_id=f"{patient_prefix}{index}",
+            study_date=f"2019{1 + index // 28:02d}{1 + index % 28:02d}",
+            **options,
+        )
+        for index in range(count)
+    ]
+
+
 def missing_instances(main: OrthancServer, backup: OrthancServer, study: Study):
     """Return the study's SOP Instance UIDs found on neither server."""
     on_main = main.sop_uids(study.study_instance_uid)

@@ -24,6 +24,7 @@ from guarantees import (
     missing_instances,
     rows_for,
     start_rotate,
+    upload_studies,
     upload_study,
 )
 
@@ -355,15 +356,7 @@ def test_upload_401_midrun_ends_run(
     main, backup, run_rotate, tmp_path, read_log, log_csv, transfer
 ):
     # Three old studies; Backup rejects the first upload's credentials.
-    studies = [
-        upload_study(
-            main,
-            tmp_path / f"study{index}",
-            patient_id=f"AUTH{index}",
-            study_date=f"2019010{index + 1}",
-        )
-        for index in range(3)
-    ]
+    studies = upload_studies(main, tmp_path, 3, "AUTH")
     with FaultProxy(backup.url) as proxy:
         proxy.add_rule("POST", r"^/instances/?$", status=401)
         env = {"ORTHANC_BACKUP_URL": proxy.url, **FAST_FAILURE_ENV}
@@ -453,15 +446,7 @@ def test_sigkill_during_deletion(
 def test_sigterm_finishes_current_study(
     main, backup, rotate_env, tmp_path, read_log, log_csv
 ):
-    studies = [
-        upload_study(
-            main,
-            tmp_path / f"study{index}",
-            patient_id=f"TERM{index}",
-            study_date=f"2019010{index + 1}",
-        )
-        for index in range(3)
-    ]
+    studies = upload_studies(main, tmp_path, 3, "TERM")
     with FaultProxy(backup.url) as proxy:
         rule = proxy.add_rule("POST", r"^/instances/?$", delay=2)
         process = start_rotate(

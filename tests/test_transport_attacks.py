@@ -26,6 +26,7 @@ from guarantees import (
     missing_instances,
     rows_for,
     start_rotate,
+    upload_studies,
     upload_study,
 )
 
@@ -310,16 +311,7 @@ def test_keepalive_closed_between_studies(
     # Backup is reached directly, so the tool keeps its connections to it
     # alive. Each deletion on Main is held longer than Orthanc keeps an idle
     # connection, so the next study finds its Backup connections closed.
-    studies = [
-        upload_study(
-            main,
-            tmp_path / f"study{index}",
-            instances=8,
-            patient_id=f"IDLE{index}",
-            study_date=f"2019010{index + 1}",
-        )
-        for index in range(2)
-    ]
+    studies = upload_studies(main, tmp_path, 2, "IDLE", instances=8)
     with FaultProxy(main.url) as main_proxy:
         rule = main_proxy.add_rule("POST", r"^/tools/bulk-delete", delay=IDLE_CLOSE_S)
         env = {"ORTHANC_MAIN_URL": main_proxy.url}
