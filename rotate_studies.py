@@ -2056,6 +2056,11 @@ def csv_values(
 # --------------------------------------------------------------------------
 
 
+def new_run_id() -> str:
+    """Return the ID that every CSV row of one run shares."""
+    return uuid.uuid4().hex[:12]
+
+
 def now_utc() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -2273,7 +2278,7 @@ class Rotation:
         self.context = context
         self.log = log
         self.candidates = candidates
-        self.run_id = uuid.uuid4().hex[:12]
+        self.run_id = new_run_id()
         settings = context.settings
         self.budget = Budget(
             settings.max_studies,
@@ -2427,7 +2432,7 @@ def run_rotation(settings: Settings, stop: threading.Event) -> int:
         context = RunContext(settings, main, backup, stop, copy_pool, log)
         if backup_system is None:
             summary = fail_every_study(
-                log, candidates, uuid.uuid4().hex[:12],
+                log, candidates, new_run_id(),
                 f"Backup {settings.backup.url} is unreachable",
             )  # fmt: skip
         else:
@@ -2455,18 +2460,14 @@ def main(argv: list[str] | None = None) -> int:
         if problems:
             raise ConfigError(problems)
     except ConfigError as error:
-        for problem in error.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return report_config_error(error)
 
     try:
         if settings.check:
             return run_check(settings)
         return run_locked(settings)
     except ConfigError as error:
-        for problem in error.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return report_config_error(error)
     except OrthancAuthError as error:
         print(
             f"error: {describe_auth_error(error)}; nothing was deleted.",
@@ -2476,6 +2477,12 @@ def main(argv: list[str] | None = None) -> int:
     except OrthancError as error:
         print(f"error: {error}; nothing was deleted.", file=sys.stderr)
         return EXIT_CONFIG if settings.check else EXIT_STUDY_PROBLEM
+
+
+def report_config_error(error: ConfigError) -> int:
+    for problem in error.problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return EXIT_CONFIG
 
 
 def run_locked(settings: Settings) -> int:
