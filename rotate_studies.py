@@ -1370,7 +1370,8 @@ def judge_copy(
     check = "instance UIDs and file size"
     if settings.verify == "md5":
         check = "instance UIDs, file size and MD5"
-    done = f"{len(verified)} instances verified on Backup by {check}"
+    noun = "instance" if len(verified) == 1 else "instances"
+    done = f"{len(verified)} {noun} verified on Backup by {check}"
     kept = TRANSFERRED if copied else SKIPPED
     remaining = grace_remaining(copy, settings.grace_days, now)
     if settings.no_delete:

@@ -41,7 +41,12 @@ def load_main(main: OrthancServer, work: Path) -> None:
 
 def count(server: OrthancServer) -> str:
     stats = server.get_json("/statistics")
-    return f"{stats['CountStudies']} studies, {stats['CountInstances']} instances"
+    studies, instances = stats["CountStudies"], stats["CountInstances"]
+    return f"{plural(studies, 'study', 'studies')}, {plural(instances, 'instance')}"
+
+
+def plural(number: int, singular: str, several: str = "") -> str:
+    return f"{number} {singular if number == 1 else several or singular + 's'}"
 
 
 def main() -> int:
