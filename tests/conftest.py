@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from faultproxy import FaultProxy
 from orthanc import OrthancServer, stop_all
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +58,20 @@ def backup(orthanc_pair) -> OrthancServer:
     """Backup Orthanc server, running, empty and with the base configuration."""
     _reset(orthanc_pair[1])
     return orthanc_pair[1]
+
+
+@pytest.fixture
+def main_proxy(main):
+    """A FaultProxy in front of Main; give the tool its url to inject faults."""
+    with FaultProxy(main.url) as proxy:
+        yield proxy
+
+
+@pytest.fixture
+def backup_proxy(backup):
+    """A FaultProxy in front of Backup."""
+    with FaultProxy(backup.url) as proxy:
+        yield proxy
 
 
 @pytest.fixture

@@ -20,6 +20,9 @@ from pydicom.uid import (
 
 MAX_UNSIGNED_SHORT = 65535
 STUDY_DATE_TAG = 0x00080020
+# Tag (7FE0,0010) PixelData as written in an Explicit VR Little Endian file:
+# cutting a file here leaves valid DICOM without its pixels.
+PIXEL_DATA_TAG_BYTES = b"\xe0\x7f\x10\x00"
 
 
 @dataclass

@@ -53,6 +53,13 @@ def upload_study(server: OrthancServer, directory: Path, **study_options) -> Stu
     return study
 
 
+def last_row(rows: list[dict], study: Study) -> dict:
+    """Return the study's newest CSV row; fail when it has none."""
+    found = rows_for(rows, study)
+    assert found, f"no CSV row for study {study.study_instance_uid}"
+    return found[-1]
+
+
 def upload_studies(
     server: OrthancServer, directory: Path, count: int, patient_prefix: str, **options
 ) -> list[Study]:

@@ -12,7 +12,7 @@ import subprocess
 import time
 
 import pytest
-from dicom_studies import write_study
+from dicom_studies import PIXEL_DATA_TAG_BYTES, write_study
 from faultproxy import FaultProxy, unused_port
 from guarantees import (
     FAST_FAILURE_ENV,
@@ -21,6 +21,7 @@ from guarantees import (
     assert_main_untouched,
     assert_migrated,
     background_output,
+    last_row,
     missing_instances,
     rows_for,
     start_rotate,
@@ -34,22 +35,8 @@ HOLD_S = 60
 KILL_WAIT_S = 30
 
 
-@pytest.fixture
-def backup_proxy(backup):
-    with FaultProxy(backup.url) as proxy:
-        yield proxy
-
-
-@pytest.fixture
-def main_proxy(main):
-    with FaultProxy(main.url) as proxy:
-        yield proxy
-
-
 def _status(read_log, log_csv, study) -> str:
-    rows = rows_for(read_log(log_csv), study)
-    assert rows, f"no CSV row for study {study.study_instance_uid}"
-    return rows[-1]["status"]
+    return last_row(read_log(log_csv), study)["status"]
 
 
 def _add_deletion_rules(proxy: FaultProxy, **fault) -> list:
@@ -158,7 +145,7 @@ def test_backup_unreadable_upload_response(
     assert "Traceback" not in result.stderr
     assert_main_untouched(main, study)
     assert _status(read_log, log_csv, study) == "incomplete"
-    message = rows_for(read_log(log_csv), study)[-1]["message"]
+    message = last_row(read_log(log_csv), study)["message"]
     assert "unreadable response" in message
 
 
@@ -202,7 +189,7 @@ def test_instance_download_cut_keeps_instance(
     first_id = main.post_json("/tools/lookup", first_sop)[0]["ID"]
     # Cut exactly before the PixelData element: what arrives is a well-formed
     # DICOM file without pixels, which only Content-Length reveals as short.
-    pixel_data_offset = first_path.read_bytes().index(b"\xe0\x7f\x10\x00")
+    pixel_data_offset = first_path.read_bytes().index(PIXEL_DATA_TAG_BYTES)
     rule = main_proxy.add_rule(
         "GET", rf"^/instances/{first_id}/file", cut_response_after=pixel_data_offset
     )
@@ -332,20 +319,20 @@ def test_main_killed_during_deletion(
 
 
 def test_bulk_delete_failing_midway_reported(
-    main, backup, run_rotate, tmp_path, read_log, log_csv
+    main, backup, main_proxy, run_rotate, tmp_path, read_log, log_csv
 ):
     # 201 instances take two /tools/bulk-delete batches of at most 200.
     study = upload_study(main, tmp_path / "study", instances=201, pixel_bytes=64)
-    with FaultProxy(main.url) as proxy:
-        rule = proxy.add_rule("POST", r"^/tools/bulk-delete", status=500, skip=1)
-        env = {"ORTHANC_MAIN_URL": proxy.url, **FAST_FAILURE_ENV}
-        result = run_rotate("--transfer", "instances", env=env)
+    rule = main_proxy.add_rule("POST", r"^/tools/bulk-delete", status=500, skip=1)
+    env = {"ORTHANC_MAIN_URL": main_proxy.url, **FAST_FAILURE_ENV}
+
+    result = run_rotate("--transfer", "instances", env=env)
 
     assert rule.applied == 1
     assert result.returncode == 1, result.stderr
     assert missing_instances(main, backup, study) == set()
     assert len(main.sop_uids(study.study_instance_uid)) == 1
-    row = rows_for(read_log(log_csv), study)[-1]
+    row = last_row(read_log(log_csv), study)
     assert row["status"] == "failed"
     assert "failed after 200 of 201 verified instances" in row["message"]
     assert "kept on Main" not in row["message"]
@@ -353,14 +340,14 @@ def test_bulk_delete_failing_midway_reported(
 
 @pytest.mark.parametrize("transfer", ["zip", "instances"])
 def test_upload_401_midrun_ends_run(
-    main, backup, run_rotate, tmp_path, read_log, log_csv, transfer
+    main, backup, backup_proxy, run_rotate, tmp_path, read_log, log_csv, transfer
 ):
     # Three old studies; Backup rejects the first upload's credentials.
     studies = upload_studies(main, tmp_path, 3, "AUTH")
-    with FaultProxy(backup.url) as proxy:
-        proxy.add_rule("POST", r"^/instances/?$", status=401)
-        env = {"ORTHANC_BACKUP_URL": proxy.url, **FAST_FAILURE_ENV}
-        result = run_rotate("--transfer", transfer, "--workers", "1", env=env)
+    backup_proxy.add_rule("POST", r"^/instances/?$", status=401)
+    env = {"ORTHANC_BACKUP_URL": backup_proxy.url, **FAST_FAILURE_ENV}
+
+    result = run_rotate("--transfer", transfer, "--workers", "1", env=env)
 
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr

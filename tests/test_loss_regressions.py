@@ -11,7 +11,7 @@ import threading
 import time
 
 import pydicom
-from dicom_studies import write_study
+from dicom_studies import PIXEL_DATA_TAG_BYTES, write_study
 from faultproxy import FaultProxy
 from pydicom.uid import generate_uid
 
@@ -197,7 +197,7 @@ def test_huge_numbers_config_error(run_rotate):
 
 
 def test_truncated_copy_on_backup_keeps_main(main, backup, tmp_path, run_rotate):
-    """Backup holds an instance cut before its PixelData, under the same UIDs.
+    """Backup contains an instance cut before its PixelData, under the same UIDs.
 
     The cut file is valid DICOM, so Backup stored it, and Backup answers
     AlreadyStored to the real file. Trusting the SOPInstanceUID alone deletes
@@ -207,7 +207,7 @@ def test_truncated_copy_on_backup_keeps_main(main, backup, tmp_path, run_rotate)
         tmp_path / "dicom", study_date=OLD_DATE, instances=2, pixel_bytes=20_000
     )
     whole = study.paths[0].read_bytes()
-    truncated = whole[: whole.index(b"\xe0\x7f\x10\x00")]  # (7FE0,0010) PixelData
+    truncated = whole[: whole.index(PIXEL_DATA_TAG_BYTES)]
     for path in study.paths:
         main.upload(path)
     main.wait_stable()

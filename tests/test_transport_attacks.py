@@ -16,6 +16,7 @@ from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import pytest
+from dicom_studies import PIXEL_DATA_TAG_BYTES
 from faultproxy import FaultProxy
 from guarantees import (
     FAST_FAILURE_ENV,
@@ -23,31 +24,17 @@ from guarantees import (
     assert_main_untouched,
     assert_migrated,
     background_output,
+    last_row,
     missing_instances,
-    rows_for,
     start_rotate,
     upload_studies,
     upload_study,
 )
 
-# Tag (7FE0,0010) PixelData as it appears in an Explicit VR Little Endian file.
-PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
 # Longer than Orthanc 1.10.1 keeps an idle keep-alive connection open. In a
 # check against that version, a connection left idle for 2 s was closed.
 IDLE_CLOSE_S = 2.5
 HOP_HEADERS = {"connection", "keep-alive", "content-length", "transfer-encoding"}
-
-
-@pytest.fixture
-def backup_proxy(backup):
-    with FaultProxy(backup.url) as proxy:
-        yield proxy
-
-
-def _last_row(read_log, log_csv, study) -> dict:
-    rows = rows_for(read_log(log_csv), study)
-    assert rows, f"no CSV row for study {study.study_instance_uid}"
-    return rows[-1]
 
 
 class RewritingProxy:
@@ -161,7 +148,7 @@ def test_upload_response_broken(
     assert missing_instances(main, backup, study) == set()
     assert "Traceback" not in result.stderr
     assert result.returncode in (0, 1), result.stderr
-    status = _last_row(read_log, log_csv, study)["status"]
+    status = last_row(read_log(log_csv), study)["status"]
     assert status in ("migrated", "incomplete", "failed")
 
 
@@ -202,7 +189,7 @@ def test_upload_stall_within_read_timeout(
     assert rule.applied == 1
     assert missing_instances(main, backup, study) == set()
     assert "Traceback" not in result.stderr
-    assert _last_row(read_log, log_csv, study)["status"] == "migrated"
+    assert last_row(read_log(log_csv), study)["status"] == "migrated"
     assert result.returncode == 0, result.stderr
 
 
@@ -235,7 +222,7 @@ def _short_file(framing: str, length: int):
 def _run_with_short_file(main, run_rotate, study, framing, *args):
     """Run the tool with Main's first file cut before its PixelData element."""
     first_id = main.post_json("/tools/lookup", study.sop_instance_uids[0])[0]["ID"]
-    length = study.paths[0].read_bytes().index(PIXEL_DATA_TAG)
+    length = study.paths[0].read_bytes().index(PIXEL_DATA_TAG_BYTES)
     rewrite = _short_file(framing, length)
     with RewritingProxy(main.url, f"/instances/{first_id}/file", rewrite) as proxy:
         env = {"ORTHANC_MAIN_URL": proxy.url, **FAST_FAILURE_ENV}
@@ -254,7 +241,7 @@ def test_short_download_keeps_instance(
 
     assert "Traceback" not in result.stderr
     assert study.sop_instance_uids[0] in main.sop_uids(study.study_instance_uid)
-    assert _last_row(read_log, log_csv, study)["status"] in ("incomplete", "failed")
+    assert last_row(read_log(log_csv), study)["status"] in ("incomplete", "failed")
     assert result.returncode == 1, result.stderr
 
 
@@ -269,7 +256,7 @@ def test_short_download_md5_keeps_instance(
 
     assert "Traceback" not in result.stderr
     assert_main_untouched(main, study)
-    assert _last_row(read_log, log_csv, study)["status"] == "incomplete"
+    assert last_row(read_log(log_csv), study)["status"] == "incomplete"
     assert result.returncode == 1, result.stderr
 
 
@@ -300,7 +287,7 @@ def test_sigterm_during_large_file(
     assert "Traceback" not in stderr
     assert_main_untouched(main, study)
     assert_csv_well_formed(log_csv)
-    row = _last_row(read_log, log_csv, study)
+    row = last_row(read_log(log_csv), study)
     assert row["status"] == "skipped"
     assert "stop" in row["message"]
 
@@ -322,4 +309,4 @@ def test_keepalive_closed_between_studies(
     assert "WARNING" not in result.stderr
     for study in studies:
         assert_migrated(main, backup, study)
-        assert _last_row(read_log, log_csv, study)["status"] == "migrated"
+        assert last_row(read_log(log_csv), study)["status"] == "migrated"
