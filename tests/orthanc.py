@@ -303,17 +303,30 @@ class OrthancServer:
 
     def sop_uids(self, study_instance_uid: str) -> set[str]:
         """Return the SOPInstanceUIDs stored under every study with that UID."""
-        uids = set()
-        for study_id in self.study_ids_for_uid(study_instance_uid):
-            for instance in self.get_json(f"/studies/{study_id}/instances"):
-                uids.add(instance["MainDicomTags"]["SOPInstanceUID"])
-        return uids
+        return {
+            instance["MainDicomTags"]["SOPInstanceUID"]
+            for instance in self._study_instances(study_instance_uid)
+        }
 
     def instance_ids(self, study_instance_uid: str) -> list[str]:
-        ids = []
+        return [instance["ID"] for instance in self._study_instances(study_instance_uid)]
+
+    def _study_instances(self, study_instance_uid: str) -> list[dict]:
+        """List the instances of every study with that UID.
+
+        A deletion still running on the server can remove a study between the
+        lookup and its listing, so a study that returns 404 adds no instances.
+        """
+        instances = []
         for study_id in self.study_ids_for_uid(study_instance_uid):
-            ids += [i["ID"] for i in self.get_json(f"/studies/{study_id}/instances")]
-        return ids
+            response = self.session.get(
+                f"{self.url}/studies/{study_id}/instances", timeout=60
+            )
+            if response.status_code == 404:
+                continue
+            _raise_for_status(response)
+            instances += response.json()
+        return instances
 
     def upload_stable(self, paths) -> None:
         """Upload every file in `paths`, then wait until every study is stable.

@@ -52,3 +52,15 @@ def test_pydicom_samples_all_stored(main):
     for path in files:
         main.upload(path)
     assert len(main.study_ids()) > 10
+
+
+def test_sop_uids_skips_vanished_study(main, tmp_path, monkeypatch):
+    study = write_study(tmp_path, instances=2)
+    for path in study.paths:
+        main.upload(path)
+    found = main.study_ids_for_uid(study.study_instance_uid)
+    # Main returns 404 for a study that a running deletion removed after the lookup.
+    vanished = "00000000-00000000-00000000-00000000-00000000"
+    monkeypatch.setattr(main, "study_ids_for_uid", lambda uid: [vanished, *found])
+    assert main.sop_uids(study.study_instance_uid) == set(study.sop_instance_uids)
+    assert len(main.instance_ids(study.study_instance_uid)) == 2
