@@ -309,7 +309,9 @@ class OrthancServer:
         }
 
     def instance_ids(self, study_instance_uid: str) -> list[str]:
-        return [instance["ID"] for instance in self._study_instances(study_instance_uid)]
+        return [
+            instance["ID"] for instance in self._study_instances(study_instance_uid)
+        ]
 
     def _study_instances(self, study_instance_uid: str) -> list[dict]:
         """List the instances of every study with that UID.
