@@ -371,6 +371,14 @@ def _kill_when(process: subprocess.Popen, proxy: FaultProxy, predicate) -> None:
         process.wait(timeout=10)
 
 
+def _wait_for(predicate, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout} s")
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("hold", ["before_upload", "before_reply"])
 def test_sigkill_during_transfer(
     main, backup, rotate_env, run_rotate, tmp_path, log_csv, hold
@@ -418,6 +426,9 @@ def test_sigkill_during_deletion(
             extra_env={"ORTHANC_MAIN_URL": proxy.url, "ROTATE_READ_TIMEOUT": "120"},
         )
         _kill_when(process, proxy, lambda: sum(r.forwarded for r in rules) >= 1)
+    # Main finishes the forwarded bulk-delete of all three instances on its own,
+    # so wait for it before checking and before the second run.
+    _wait_for(lambda: not main.sop_uids(study.study_instance_uid), KILL_WAIT_S)
 
     assert missing_instances(main, backup, study) == set()
     if log_csv.exists():
