@@ -145,6 +145,18 @@ class OrthancUnreachable(OrthancError):
     """The server sent no response: connection refused, reset or timed out."""
 
 
+class OrthancNotJSON(OrthancError):
+    """The server returned status 2xx with a body that is not JSON."""
+
+    def __init__(self, server: str, method: str, url: str, content_type: str):
+        super().__init__(
+            server, method, url,
+            f"the response is not JSON ({content_type}); check that the URL "
+            "is the Orthanc REST API",
+        )  # fmt: skip
+        self.content_type = content_type
+
+
 class OrthancAuthError(OrthancError):
     """The server rejected the credentials (HTTP 401 or 403)."""
 
@@ -745,11 +757,39 @@ class OrthancClient:
             raise OrthancAuthError(self.name, method, url, detail, status)
         raise OrthancError(self.name, method, url, detail, status)
 
+    def request_json(self, method: str, path: str, **kwargs):
+        """Send one request and return its JSON body, or raise OrthancNotJSON.
+
+        A URL that leads to a login page or another web application returns
+        HTML with status 200.
+        """
+        response = self.request(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError:
+            content_type = response.headers.get("Content-Type") or "no Content-Type"
+            raise OrthancNotJSON(
+                self.name, method, self.config.url + path, content_type
+            ) from None
+
     def get_json(self, path: str, **params):
-        return self.request("GET", path, params=params or None).json()
+        return self.request_json("GET", path, params=params or None)
 
     def system(self) -> dict:
-        return self.get_json("/system")
+        """Return GET /system; raise ConfigError if the URL is not an Orthanc server."""
+        prefix = f"ORTHANC_{self.name.upper()}_URL={self.config.url}"
+        try:
+            system = self.get_json("/system")
+        except OrthancNotJSON as error:
+            reason = f"returned {error.content_type}, not JSON"
+        else:
+            if isinstance(system, dict) and "ApiVersion" in system:
+                return system
+            reason = "returned JSON without ApiVersion"
+        raise ConfigError(
+            [f"{prefix}: GET /system {reason}, so this is not the Orthanc REST "
+             "API; check the URL"]
+        )  # fmt: skip
 
     def last_change(self) -> dict:
         """Return the newest entry of Orthanc's change log (a server fingerprint).
@@ -787,7 +827,7 @@ class OrthancClient:
 
     def lookup_studies(self, study_instance_uid: str) -> list[str]:
         """Return the Orthanc IDs of every study with this StudyInstanceUID."""
-        found = self.request("POST", "/tools/lookup", data=study_instance_uid).json()
+        found = self.request_json("POST", "/tools/lookup", data=study_instance_uid)
         return [item["ID"] for item in found if item.get("Type") == "Study"]
 
     def instance_md5(self, instance_id: str) -> str:

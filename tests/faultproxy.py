@@ -51,8 +51,8 @@ class Rule:
     `method` None matches every method. `path` is a regex searched in the request
     target (path and query). The first `skip` matching requests pass unchanged,
     and the fault then applies to at most `count` requests (None: every later one).
-    `status` responds without forwarding, with `body` when given (else a JSON
-    error in Orthanc's format).
+    `status` responds without forwarding, with `body` of type `content_type` when
+    given (else a JSON error in Orthanc's format).
     Byte limits count bytes after the message head as sent on the wire, so for a
     chunked body they include the chunk framing.
     """
@@ -63,6 +63,7 @@ class Rule:
     skip: int = 0
     status: int | None = None
     body: bytes | None = None
+    content_type: str = "application/json"
     reset_request_after: int | None = None
     reset_response_after: int | None = None
     cut_response_after: int | None = None
@@ -390,7 +391,9 @@ class FaultProxy:
         if fault.status is not None:
             for _ in body:
                 pass
-            self._send_error_response(client, fault.status, body=fault.body)
+            self._send_error_response(
+                client, fault.status, body=fault.body, content_type=fault.content_type
+            )
             return None
         if fault.delay and self._stopping.wait(fault.delay):
             return None
@@ -481,12 +484,13 @@ class FaultProxy:
         status: int,
         message: str = "",
         body: bytes | None = None,
+        content_type: str = "application/json",
     ) -> None:
         if body is None:
             text = message or f"fault injected by the test proxy: HTTP {status}"
             body = json.dumps({"HttpStatus": status, "Message": text}).encode()
         headers = [
-            ("Content-Type", "application/json"),
+            ("Content-Type", content_type),
             ("Content-Length", str(len(body))),
             ("Connection", "close"),
         ]

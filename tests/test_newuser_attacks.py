@@ -19,6 +19,7 @@ from pydicom.uid import generate_uid
 AGED_DAYS = 400
 OLD_DATE = "20190101"
 LOGIN_PAGE = b"<html><body>Sign in to continue</body></html>"
+HTML = "text/html; charset=utf-8"
 
 
 def instance_ids(server) -> set[str]:
@@ -94,29 +95,51 @@ def test_samples_instances_md5(main, backup, run_rotate, log_csv, read_log):
         assert backup.get_bytes(f"/instances/{instance_id}/file") == content
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a 200 response that is not JSON, such as a login page, raises "
-    "JSONDecodeError with a traceback and exit 1 instead of a one-line error",
+@pytest.mark.parametrize(
+    ("body", "reason"),
+    [
+        (LOGIN_PAGE, "GET /system returned text/html; charset=utf-8, not JSON"),
+        (b'{"status": "ok"}', "GET /system returned JSON without ApiVersion"),
+    ],
 )
-def test_check_login_page_exit_2(main_proxy, run_rotate):
-    main_proxy.add_rule(status=200, body=LOGIN_PAGE)
+@pytest.mark.parametrize("mode", [["--check"], []])
+def test_not_orthanc_url_exit_2(main_proxy, run_rotate, log_csv, body, reason, mode):
+    content_type = HTML if body == LOGIN_PAGE else "application/json"
+    main_proxy.add_rule(status=200, body=body, content_type=content_type)
 
-    result = run_rotate("--check", env={"ORTHANC_MAIN_URL": main_proxy.url})
+    result = run_rotate(*mode, env={"ORTHANC_MAIN_URL": main_proxy.url})
 
     assert "Traceback" not in result.stderr
     assert result.returncode == 2, result.stderr
+    assert f"ORTHANC_MAIN_URL={main_proxy.url}: {reason}" in result.stderr
+    assert not log_csv.exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a study listing that is not JSON raises JSONDecodeError with a "
-    "traceback instead of a one-line error",
-)
+def test_lookup_login_page_row_failed(
+    main, backup_proxy, tmp_path, run_rotate, log_csv, read_log
+):
+    study = write_study(tmp_path / "dicom", study_date=OLD_DATE)
+    main.upload_stable(study.paths)
+    backup_proxy.add_rule(
+        "POST", r"^/tools/lookup", status=200, body=LOGIN_PAGE, content_type=HTML
+    )
+
+    result = run_rotate(env={"ORTHANC_BACKUP_URL": backup_proxy.url})
+
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert main.sop_uids(study.study_instance_uid) == set(study.sop_instance_uids)
+    row = read_log(log_csv)[-1]
+    assert row["status"] == "failed"
+    assert "/tools/lookup failed: the response is not JSON" in row["message"]
+
+
 def test_run_login_page_listing(main, backup, main_proxy, tmp_path, run_rotate):
     study = write_study(tmp_path / "dicom", study_date=OLD_DATE)
     main.upload_stable(study.paths)
-    main_proxy.add_rule("GET", r"^/studies\?", status=200, body=LOGIN_PAGE)
+    main_proxy.add_rule(
+        "GET", r"^/studies\?", status=200, body=LOGIN_PAGE, content_type=HTML
+    )
 
     result = run_rotate(env={"ORTHANC_MAIN_URL": main_proxy.url})
 
