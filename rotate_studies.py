@@ -1410,8 +1410,7 @@ def judge_copy(
     check = "instance UIDs and file size"
     if settings.verify == "md5":
         check = "instance UIDs, file size and MD5"
-    noun = "instance" if len(verified) == 1 else "instances"
-    done = f"{len(verified)} {noun} verified on Backup by {check}"
+    done = f"{count_of(len(verified), 'instance')} verified on Backup by {check}"
     kept = TRANSFERRED if copied else SKIPPED
     remaining = grace_remaining(copy, settings.grace_days, now)
     if settings.no_delete:
@@ -1767,11 +1766,14 @@ def describe_plan(missing: int, total: int, settings: Settings) -> str:
     action = (
         "keep it on Main (--no-delete)"
         if settings.no_delete
-        else (f"delete {total} instances from Main")
+        else f"delete {count_of(total, 'instance')} from Main"
     )
     if missing:
-        return f"would copy {missing} of {total} instances to Backup, verify, {action}"
-    return f"Backup holds all {total} instances; would verify and {action}"
+        return (
+            f"would copy {missing} of {count_of(total, 'instance')} to Backup, "
+            f"verify, {action}"
+        )
+    return f"Backup holds all {count_of(total, 'instance')}; would verify and {action}"
 
 
 def rotate_study(context: RunContext, candidate: Candidate) -> StudyOutcome:
@@ -2108,6 +2110,11 @@ def format_duration(delta: dt.timedelta) -> str:
     if seconds >= 86400:
         return f"{seconds // 86400} d {seconds % 86400 // 3600} h"
     return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+def count_of(count: int, noun: str) -> str:
+    """Return "1 instance" or "2 instances": the count and the noun in agreement."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def format_bytes(count: float) -> str:

@@ -678,3 +678,32 @@ def test_streamed_body_longer_than_file_stops_early():
 def test_streamed_body_content_length_disagrees():
     with pytest.raises(rs.DownloadFailed, match="Content-Length 2400"):
         rs.StreamedBody(FakeDownload(b"x" * 2400, 2400), threading.Event(), 2500)
+
+
+@pytest.mark.parametrize(
+    ("missing", "total", "no_delete", "expected"),
+    [
+        (
+            1,
+            1,
+            False,
+            "would copy 1 of 1 instance to Backup, verify, delete 1 instance",
+        ),
+        (
+            0,
+            1,
+            False,
+            "Backup holds all 1 instance; would verify and delete 1 instance",
+        ),
+        (
+            2,
+            3,
+            False,
+            "would copy 2 of 3 instances to Backup, verify, delete 3 instances",
+        ),
+        (0, 3, True, "Backup holds all 3 instances; would verify and keep it on Main"),
+    ],
+)
+def test_describe_plan_counts(missing, total, no_delete, expected):
+    plan = rs.describe_plan(missing, total, settings(no_delete=no_delete))
+    assert plan.startswith(expected)
