@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import posixpath
 import re
 import signal
 import socket
@@ -1029,15 +1030,19 @@ def server_address(url: str) -> tuple[str, int, str]:
     port = parts.port or (443 if parts.scheme == "https" else 80)
     host = parts.hostname.lower()
     try:
-        host = str(ipaddress.ip_address(host))
+        address = ipaddress.ip_address(host)
     except ValueError:
         try:
             host = socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)[0][4][0]
         except OSError:
             pass
-    if host in ("::1", "0.0.0.0") or host.startswith("127."):
+    else:
+        # ::ffff:127.0.0.1 is 127.0.0.1 written as an IPv6 address.
+        host = str(getattr(address, "ipv4_mapped", None) or address)
+    if host in ("::1", "::", "0.0.0.0") or host.startswith("127."):
         host = "loopback"
-    return host, port, parts.path.rstrip("/").lower()
+    path = posixpath.normpath(parts.path or "/")
+    return host, port, path.rstrip("/").lower()
 
 
 def same_server_reason(

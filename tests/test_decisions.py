@@ -233,6 +233,11 @@ def test_format_row_round_trips_quotes_and_commas():
         ("http://127.0.0.1:8042", "http://127.0.0.1:8042/"),
         ("http://LOCALHOST:8042", "http://localhost:8042"),
         ("http://127.0.0.1:80", "http://127.0.0.1"),
+        ("http://127.0.0.1:8042", "http://[::ffff:127.0.0.1]:8042"),
+        ("http://127.0.0.1:8042", "http://[::1]:8042"),
+        ("http://127.0.0.1:8042/orthanc", "http://127.0.0.1:8042/./orthanc/"),
+        ("http://127.0.0.1:8042/orthanc", "http://127.0.0.1:8042/pacs/../orthanc"),
+        ("http://127.0.0.1:8042", "http://127.0.0.1:8042/."),
     ],
 )
 def test_same_server_by_address(main_url, backup_url):
