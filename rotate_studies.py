@@ -832,8 +832,21 @@ class OrthancClient:
         return [item["ID"] for item in found if item.get("Type") == "Study"]
 
     def instance_md5(self, instance_id: str) -> str:
+        """Return the MD5 the server stored with an instance's DICOM file."""
         path = f"/instances/{instance_id}/attachments/dicom/md5"
-        return self.request("GET", path).text.strip()
+        try:
+            return self.request("GET", path).text.strip()
+        except OrthancError as error:
+            # Orthanc returns 404 both for an unknown instance and for a file
+            # stored while StoreMD5ForAttachments was false.
+            if error.status != 404 or self.stored_file_id(instance_id) is None:
+                raise
+            raise OrthancError(
+                self.name, "GET", self.config.url + path,
+                "no MD5 stored with this file (StoreMD5ForAttachments was false "
+                "when it was stored); use --verify sop",
+                404,
+            ) from None  # fmt: skip
 
     def open_stream(self, method: str, path: str, **kwargs) -> requests.Response:
         return self.request(method, path, stream=True, **kwargs)

@@ -383,6 +383,22 @@ def test_md5_verify_rejects_altered_copy(
     assert statuses == ["incomplete"]
 
 
+def test_md5_verify_backup_without_md5(
+    main, backup, run_rotate, tmp_path, read_log, log_csv
+):
+    backup.restart(config={"StoreMD5ForAttachments": False})
+    study = upload_study(main, tmp_path / "study")
+
+    result = run_rotate("--verify", "md5")
+
+    assert result.returncode == 1, result.stderr
+    assert_main_untouched(main, study)
+    row = rows_for(read_log(log_csv), study)[-1]
+    assert row["status"] == "failed"
+    assert "no MD5 stored with this file" in row["message"]
+    assert "use --verify sop" in row["message"]
+
+
 def test_sop_verify_accepts_altered_copy(
     main, backup, run_rotate, tmp_path, read_log, log_csv
 ):
