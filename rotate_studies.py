@@ -446,28 +446,39 @@ def read_env_file(path_text: str | None) -> dict[str, str]:
         ) from None
     except UnicodeDecodeError:
         raise ConfigError([f"{origin}: is not UTF-8 text; save it as UTF-8"]) from None
-    # python-dotenv skips a line it cannot parse with a warning that names no
-    # file, which would silently drop a setting such as a password.
-    problems = [
-        f"{origin}: line {line} is not NAME=value (an unclosed quote?); "
-        "fix or remove it"
-        for line in unparsable_env_lines(text)
-    ]
+    problems = env_file_problems(text, origin)
     if problems:
         raise ConfigError(problems)
     values = dotenv_values(stream=io.StringIO(text), interpolate=False)
     return {key: value for key, value in values.items() if value is not None}
 
 
-def unparsable_env_lines(text: str) -> list[int]:
-    """Return the line numbers of .env lines that python-dotenv cannot parse."""
-    lines = []
+def env_file_problems(text: str, origin: str) -> list[str]:
+    """Return a problem for each .env line that cannot be parsed or repeats a name.
+
+    python-dotenv skips a line it cannot parse with a warning that names no
+    file, and keeps the last of two lines with one name, so either would
+    silently change a setting such as a password or ROTATE_DRY_RUN.
+    """
+    problems = []
+    first_lines: dict[str, int] = {}
     for binding in dotenv.parser.parse_stream(io.StringIO(text)):
+        original = binding.original
+        blank = len(original.string) - len(original.string.lstrip("\r\n"))
+        line = original.line + original.string[:blank].count("\n")
         if binding.error:
-            original = binding.original
-            blank = len(original.string) - len(original.string.lstrip("\r\n"))
-            lines.append(original.line + original.string[:blank].count("\n"))
-    return lines
+            problems.append(
+                f"{origin}: line {line} is not NAME=value (an unclosed quote?); "
+                "fix or remove it"
+            )
+        elif binding.key in first_lines:
+            problems.append(
+                f"{origin}: line {line} sets {binding.key} again (first on line "
+                f"{first_lines[binding.key]}); keep one of the two lines"
+            )
+        elif binding.key is not None:
+            first_lines[binding.key] = line
+    return problems
 
 
 def resolve_raw_values(

@@ -421,9 +421,20 @@ def test_shared_files_empty_for_separate_storage():
     assert rs.shared_files([main_instance], copy) == []
 
 
-def test_unparsable_env_lines_numbers():
+def test_env_file_problems_unparsable_line():
     text = "A=1\n\nB='unclosed\nC=3\n"
-    assert rs.unparsable_env_lines(text) == [3]
+    problems = rs.env_file_problems(text, ".env")
+    assert len(problems) == 1
+    assert problems[0].startswith(".env: line 3 is not NAME=value")
+
+
+def test_env_file_problems_repeated_name():
+    text = "ROTATE_DRY_RUN=1\n# comment\nROTATE_DAYS=30\n\nROTATE_DRY_RUN=0\n"
+    problems = rs.env_file_problems(text, ".env")
+    assert problems == [
+        ".env: line 5 sets ROTATE_DRY_RUN again (first on line 1); "
+        "keep one of the two lines"
+    ]
 
 
 def test_settings_reject_unparsable_env_file(tmp_path, monkeypatch):
