@@ -39,10 +39,60 @@ def human_size(size):
         value /= 1024
     return f"{size} B" if unit == "B" else f"{value:.1f} {unit}"
 
+counts = dict.fromkeys(STATUSES, 0)
+totals = {"total": 0, "other": 0, "freed": 0}
+dates = {}
+torn = []
+
+def terminated_lines(handle):
+    """Yield each line that ends with a line break; keep an unterminated one aside."""
+    for line in handle:
+        if line.endswith(("\n", "\r")):
+            yield line
+        else:
+            torn.append(line)
+
+def count_row(row, column, line):
+    totals["total"] += 1
+    status = row[column["status"]].strip()
+    if status in counts:
+        counts[status] += 1
+    else:
+        totals["other"] += 1
+    if status in ("migrated", "deleted"):
+        size = row[column["size_bytes"]].strip() or "0"
+        if not size.isdigit():
+            fail(f"invalid size_bytes {size!r} in the record ending on"
+                 f" line {line}; expected a byte count")
+        totals["freed"] += int(size)
+    match = DATE.match(row[column["timestamp"]].strip())
+    day = match.group(0) if match else "unknown"
+    dates[day] = dates.get(day, 0) + 1
+
+def count_torn_line(header, column, line):
+    """Count the unterminated last line if it is a whole row, else warn.
+
+    A run killed while appending leaves its row cut short without a line
+    break, and the next run removes that line before it writes.
+    """
+    try:
+        rows = list(csv.reader(torn, strict=True))
+    except csv.Error:
+        rows = []
+    if len(rows) == 1 and len(rows[0]) == len(header):
+        count_row(rows[0], column, line)
+        return
+    print(f"resumen_csv.sh: {path}: warning: line {line} is cut short (a run was"
+          " stopped while writing it) and is not counted; the next run"
+          " removes it", file=sys.stderr)
+
 try:
     with open(path, encoding="utf-8-sig", newline="") as handle:
-        reader = csv.reader(handle, strict=True)
+        reader = csv.reader(terminated_lines(handle), strict=True)
         header = next(reader, None)
+        if header is None and torn:
+            header = next(csv.reader(torn, strict=True), None)
+            torn.clear()
         if not header or not any(cell.strip() for cell in header):
             fail("no header row; expected the columns " + ", ".join(REQUIRED))
         missing = [name for name in REQUIRED if name not in header]
@@ -50,30 +100,15 @@ try:
             fail("missing column(s) " + ", ".join(missing)
                  + "; header is: " + ",".join(header))
         column = {name: header.index(name) for name in REQUIRED}
-        counts = dict.fromkeys(STATUSES, 0)
-        other = total = freed = 0
-        dates = {}
         for row in reader:
             if not row:
                 continue
             if len(row) != len(header):
                 fail(f"record ending on line {reader.line_num} has {len(row)}"
                      f" fields, the header has {len(header)}")
-            total += 1
-            status = row[column["status"]].strip()
-            if status in counts:
-                counts[status] += 1
-            else:
-                other += 1
-            if status in ("migrated", "deleted"):
-                size = row[column["size_bytes"]].strip() or "0"
-                if not size.isdigit():
-                    fail(f"invalid size_bytes {size!r} in the record ending on"
-                         f" line {reader.line_num}; expected a byte count")
-                freed += int(size)
-            match = DATE.match(row[column["timestamp"]].strip())
-            day = match.group(0) if match else "unknown"
-            dates[day] = dates.get(day, 0) + 1
+            count_row(row, column, reader.line_num)
+        if torn:
+            count_torn_line(header, column, reader.line_num + 1)
 except OSError as error:
     fail(f"cannot read the file ({error.strerror})")
 except UnicodeDecodeError as error:
@@ -81,6 +116,7 @@ except UnicodeDecodeError as error:
 except csv.Error as error:
     fail(f"invalid CSV near line {reader.line_num}: {error}")
 
+total, other, freed = totals["total"], totals["other"], totals["freed"]
 transferred = counts["migrated"] + counts["transferred"]
 deleted = counts["migrated"] + counts["deleted"]
 print(f"total\t{total}")

@@ -259,6 +259,37 @@ def test_summary_short_record(tmp_path, hard_log):
     assert_one_line_error(summarize(path), "has 3 fields, the header has 16")
 
 
+def test_summary_torn_last_row_warns(tmp_path, hard_log):
+    # A run killed while appending leaves its row cut short, without a line end.
+    path = tmp_path / "torn.csv"
+    path.write_text(
+        hard_log.read_text("utf-8") + "2025-06-01T03:00:00+00:00,r", "utf-8"
+    )
+    result = summarize(path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ENGLISH_REPORT
+    assert "is cut short" in result.stderr
+    assert "not counted; the next run removes it" in result.stderr
+
+
+def test_summary_whole_unterminated_row_counted(tmp_path, hard_log):
+    # csv.DictWriter ends each row with \r\n.
+    path = tmp_path / "no-final-line-end.csv"
+    path.write_text(hard_log.read_text("utf-8").removesuffix("\r\n"), "utf-8")
+    result = summarize(path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ENGLISH_REPORT
+    assert result.stderr == ""
+
+
+def test_summary_unterminated_header(tmp_path):
+    path = tmp_path / "header.csv"
+    path.write_text(",".join(COLUMNS), "utf-8")
+    result = summarize(path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == EMPTY_LOG_REPORT
+
+
 def test_summary_unterminated_quote(tmp_path, hard_log):
     path = tmp_path / "cut.csv"
     path.write_text(hard_log.read_text("utf-8") + '2025-06-01,"open\n', "utf-8")
