@@ -294,7 +294,11 @@ def parse_url(text: str) -> str:
 
 
 def is_valid_host(host: str) -> bool:
-    """Accept an IP address or a DNS name of letters, digits and hyphens."""
+    """Accept an IP address or a host name of letters, digits, hyphens and underscores.
+
+    Docker Compose resolves service names such as orthanc_main, which DNS
+    rules for host names would forbid.
+    """
     try:
         ipaddress.ip_address(host)
         return True
@@ -302,7 +306,8 @@ def is_valid_host(host: str) -> bool:
         pass
     labels = host.rstrip(".").split(".")
     return all(
-        label and len(label) <= 63 and label.replace("-", "").isalnum()
+        label and len(label) <= 63
+        and label.replace("-", "").replace("_", "").isalnum()
         and label.isascii() and not label.startswith("-")
         for label in labels
     )  # fmt: skip

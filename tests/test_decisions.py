@@ -568,14 +568,15 @@ def test_settings_reject_out_of_range(tmp_path, monkeypatch, name, value):
 
 
 @pytest.mark.parametrize(
-    "host", ["127.0.0.1", "::1", "orthanc-main", "pacs.example.org", "a1.b2"]
+    "host",
+    ["127.0.0.1", "::1", "orthanc-main", "orthanc_main", "pacs.example.org", "a1.b2"],
 )
 def test_valid_host(host):
     assert rs.is_valid_host(host)
 
 
 @pytest.mark.parametrize(
-    "host", ["127.0.0.1 ", "127..0.1", "-bad.org", "b\u200bad", "a_b.org", ""]
+    "host", ["127.0.0.1 ", "127..0.1", "-bad.org", "b\u200bad", "a b.org", ""]
 )
 def test_invalid_host(host):
     assert not rs.is_valid_host(host)
