@@ -55,6 +55,11 @@ class Rule:
     given (else a JSON error in Orthanc's format).
     Byte limits count bytes after the message head as sent on the wire, so for a
     chunked body they include the chunk framing.
+    `response_delay` holds the response for that many seconds after its head
+    arrived from upstream. Orthanc 1.10.1 sends the head of a POST /instances or
+    /tools/bulk-delete response only after it finished the request, so once
+    `upstream_responded` counts such a request, the server is done with it
+    while the client still waits.
     """
 
     method: str | None = None
@@ -74,6 +79,7 @@ class Rule:
     seen: int = 0
     applied: int = 0
     forwarded: int = 0
+    upstream_responded: int = 0
     responded: int = 0
     _pattern: re.Pattern[str] = field(init=False, repr=False)
 
@@ -191,11 +197,16 @@ def _iter_body(reader: _BufferedSocket, head: _Head, until_close: bool):
     return iter(())
 
 
-def unused_port() -> int:
-    """Return a 127.0.0.1 port that nothing listens on right now."""
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """Yield a 127.0.0.1 port that refuses connections until the block ends.
+
+    The port stays bound without listening, so no other process, such as a
+    server of a test run in parallel, can take it and respond in its place.
+    """
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        yield sock.getsockname()[1]
 
 
 def _reset(sock: socket.socket) -> None:
@@ -413,9 +424,6 @@ class FaultProxy:
             _reset(upstream)
             return upstream
         self._count(fault, "forwarded")
-
-        if fault.response_delay and self._stopping.wait(fault.response_delay):
-            return upstream
         self._relay_response(method, client, upstream, fault)
         return upstream
 
@@ -439,6 +447,9 @@ class FaultProxy:
         head = _read_head(reader)
         while head.start_line.split(" ")[1].startswith("1"):
             head = _read_head(reader)
+        self._count(fault, "upstream_responded")
+        if fault.response_delay and self._stopping.wait(fault.response_delay):
+            return
         status = int(head.start_line.split(" ")[1])
         headers = head.without("Connection", "Keep-Alive")
         headers.append(("Connection", "close"))

@@ -1,12 +1,13 @@
 """Tests of the fault-injecting proxy against a small local HTTP server."""
 
+import contextlib
 import hashlib
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
-from faultproxy import FaultProxy, unused_port
+from faultproxy import FaultProxy, closed_port
 
 STREAM_PART = b"x" * 50_000
 
@@ -166,6 +167,25 @@ def test_callback_runs_before_forwarding(proxy, upstream):
     assert upstream.received == [b"abc"]
 
 
+def test_response_delay_holds_after_upstream(proxy, upstream):
+    rule = proxy.add_rule("POST", "^/echo", response_delay=60)
+
+    def post() -> None:
+        # Stopping the proxy at teardown drops the held response.
+        with contextlib.suppress(requests.RequestException):
+            requests.post(f"{proxy.url}/echo", data=b"abc", timeout=20)
+
+    client = threading.Thread(target=post, daemon=True)
+    client.start()
+
+    proxy.wait_until(lambda: rule.upstream_responded == 1, timeout=10)
+    client.join(timeout=1)
+
+    assert upstream.received == [b"abc"]
+    assert client.is_alive(), "the client got the response within the delay"
+    assert rule.responded == 0
+
+
 def test_requests_recorded_and_counted(proxy):
     requests.get(f"{proxy.url}/bytes?x=1", timeout=10)
     requests.post(f"{proxy.url}/echo", data=b"1", timeout=10)
@@ -177,7 +197,7 @@ def test_requests_recorded_and_counted(proxy):
 
 
 def test_unreachable_upstream_answers_502():
-    with FaultProxy(f"http://127.0.0.1:{unused_port()}") as proxy:
+    with closed_port() as port, FaultProxy(f"http://127.0.0.1:{port}") as proxy:
         reply = requests.get(f"{proxy.url}/system", timeout=10)
     assert reply.status_code == 502
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 from dicom_studies import PIXEL_DATA_TAG_BYTES, write_study
-from faultproxy import FaultProxy, unused_port
+from faultproxy import FaultProxy, closed_port
 from guarantees import (
     FAST_FAILURE_ENV,
     assert_backup_bytes_equal,
@@ -55,9 +55,9 @@ def test_backup_down_fails_every_study(main, run_rotate, tmp_path, read_log, log
         upload_study(main, tmp_path / f"study{index}", patient_id=f"DOWN{index}")
         for index in range(2)
     ]
-    closed_url = f"http://127.0.0.1:{unused_port()}"
-
-    result = run_rotate(env={"ORTHANC_BACKUP_URL": closed_url, **FAST_FAILURE_ENV})
+    with closed_port() as port:
+        closed_url = f"http://127.0.0.1:{port}"
+        result = run_rotate(env={"ORTHANC_BACKUP_URL": closed_url, **FAST_FAILURE_ENV})
 
     assert result.returncode == 1, result.stderr
     assert "Traceback" not in result.stderr
@@ -371,14 +371,6 @@ def _kill_when(process: subprocess.Popen, proxy: FaultProxy, predicate) -> None:
         process.wait(timeout=10)
 
 
-def _wait_for(predicate, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(0.1)
-
-
 @pytest.mark.parametrize("hold", ["before_upload", "before_reply"])
 def test_sigkill_during_transfer(
     main, backup, rotate_env, run_rotate, tmp_path, log_csv, hold
@@ -386,13 +378,14 @@ def test_sigkill_during_transfer(
     study = upload_study(main, tmp_path / "study", instances=3, pixel_bytes=20_000)
     with FaultProxy(backup.url) as proxy:
         # before_upload: Backup receives nothing. before_reply: Backup stored
-        # the upload but the tool never learns it.
+        # the upload but the tool never learns it. Waiting for Backup's response
+        # keeps Backup from still storing during the checks and the second run.
         if hold == "before_upload":
             rule = proxy.add_rule("POST", r"^/instances/?$", delay=HOLD_S)
             reached = lambda: rule.seen >= 1  # noqa: E731
         else:
             rule = proxy.add_rule("POST", r"^/instances/?$", response_delay=HOLD_S)
-            reached = lambda: rule.forwarded >= 1  # noqa: E731
+            reached = lambda: rule.upstream_responded >= 1  # noqa: E731
         process = start_rotate(
             rotate_env,
             tmp_path,
@@ -419,16 +412,17 @@ def test_sigkill_during_deletion(
     study = upload_study(main, tmp_path / "study", instances=3)
     with FaultProxy(main.url) as proxy:
         # Main performs the first deletion, the tool is killed before the reply.
+        # Killing only once Main responded keeps Main from still deleting
+        # during the checks and the second run.
         rules = _add_deletion_rules(proxy, response_delay=HOLD_S)
         process = start_rotate(
             rotate_env,
             tmp_path,
             extra_env={"ORTHANC_MAIN_URL": proxy.url, "ROTATE_READ_TIMEOUT": "120"},
         )
-        _kill_when(process, proxy, lambda: sum(r.forwarded for r in rules) >= 1)
-    # Main finishes the forwarded bulk-delete of all three instances on its own,
-    # so wait for it before checking and before the second run.
-    _wait_for(lambda: not main.sop_uids(study.study_instance_uid), KILL_WAIT_S)
+        _kill_when(
+            process, proxy, lambda: sum(r.upstream_responded for r in rules) >= 1
+        )
 
     assert missing_instances(main, backup, study) == set()
     if log_csv.exists():
