@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 from conftest import csv_rows
 from dicom_studies import write_study
-from orthanc import free_port
+from faultproxy import closed_port
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRYPOINT = REPO / "entrypoint.sh"
@@ -239,6 +239,22 @@ def wait_for_file(path: Path, timeout: float, entrypoint: Entrypoint) -> None:
         time.sleep(0.5)
 
 
+def wait_for_job_pid_file(sandbox: Path, entrypoint: Entrypoint) -> None:
+    """Wait until run_rotation.sh wrote RUN_DIR/job.<pid>.pid.
+
+    run_rotation.sh writes it after starting the tool, so the tool can print
+    before it exists, and entrypoint.sh stops only the jobs listed there.
+    """
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not list((sandbox / "run").glob("job.*.pid")):
+        if time.monotonic() > deadline or entrypoint.process.poll() is not None:
+            pytest.fail(
+                f"no job pid file in {sandbox / 'run'} within {STARTUP_TIMEOUT_S} s."
+                f"\nstdout:\n{entrypoint.stdout}\nstderr:\n{entrypoint.stderr}"
+            )
+        time.sleep(0.1)
+
+
 def process_running(pid: int, grace: float = 2.0) -> bool:
     """True while process `pid` still runs after `grace` seconds. A zombie
     that awaits its reaper counts as ended."""
@@ -348,28 +364,29 @@ def test_entrypoint_cron_minute_run(main, backup, sandbox, tmp_path, job_identit
 @requires_root
 def test_entrypoint_check_failure(backup, sandbox, job_identity):
     job_user, job_python, job_extra_env = job_identity
-    closed_port = free_port()
-    env = base_env(
-        sandbox,
-        **job_extra_env,
-        JOB_PYTHON=job_python,
-        ORTHANC_MAIN_URL=f"http://127.0.0.1:{closed_port}",
-        ORTHANC_MAIN_USERNAME="admin",
-        ORTHANC_MAIN_PASSWORD=TRICKY_VALUE,
-        ORTHANC_BACKUP_URL=f"http://admin:url-secret@{backup.url[len('http://') :]}",
-        ROTATE_RETRIES=0,
-        ROTATE_CONNECT_TIMEOUT=2,
-        JOB_USER=job_user,
-    )
-    entrypoint = Entrypoint(env)
-    try:
-        exit_status = entrypoint.wait(STARTUP_TIMEOUT_S)
-    finally:
-        entrypoint.kill_all()
+    backup_address = backup.url.removeprefix("http://")
+    with closed_port() as port:
+        env = base_env(
+            sandbox,
+            **job_extra_env,
+            JOB_PYTHON=job_python,
+            ORTHANC_MAIN_URL=f"http://127.0.0.1:{port}",
+            ORTHANC_MAIN_USERNAME="admin",
+            ORTHANC_MAIN_PASSWORD=TRICKY_VALUE,
+            ORTHANC_BACKUP_URL=f"http://admin:url-secret@{backup_address}",
+            ROTATE_RETRIES=0,
+            ROTATE_CONNECT_TIMEOUT=2,
+            JOB_USER=job_user,
+        )
+        entrypoint = Entrypoint(env)
+        try:
+            exit_status = entrypoint.wait(STARTUP_TIMEOUT_S)
+        finally:
+            entrypoint.kill_all()
     output = entrypoint.stdout + entrypoint.stderr
     assert exit_status != 0
     assert "rotate_studies.py --check failed with exit status" in entrypoint.stderr
-    assert f"127.0.0.1:{closed_port}" in output
+    assert f"127.0.0.1:{port}" in output
     assert "ORTHANC_MAIN_PASSWORD=(set)" in entrypoint.stdout
     assert "ORTHANC_BACKUP_URL=http://admin:***@127.0.0.1:" in entrypoint.stdout
     assert "p@ss word" not in output
@@ -380,19 +397,27 @@ def test_entrypoint_check_failure(backup, sandbox, job_identity):
 
 
 def write_fake_tool(sandbox: Path) -> Path:
-    """A stand-in for python3 that records who ran it and waits for SIGTERM."""
+    """A stand-in for python3 that records who ran it and waits for SIGTERM.
+
+    The TERM trap is set before "fake tool stdout", the line a test waits for
+    before it stops the entrypoint, so the signal cannot arrive before it.
+    """
     tool = sandbox / "bin" / "fake-python"
     tool.write_text(
         """#!/bin/bash
 out="$LOG_DIR/fake-tool"
 if [[ " $* " == *" --check "* ]]; then exit 0; fi
+if [[ -n ${FAKE_TOOL_IGNORE_TERM:-} ]]; then
+    trap '' TERM
+else
+    trap 'echo TERM >"$out.signal"; kill "${sleeper:-}" 2>/dev/null; exit 143' TERM
+fi
 id -u >"$out.uid"
 echo $$ >"$out.pid"
 printf %s "$PACS_ROTATE_TEST_VALUE" >"$out.value"
 echo "fake tool stdout"
 echo "fake tool stderr" >&2
-if [[ -n ${FAKE_TOOL_IGNORE_TERM:-} ]]; then trap '' TERM; exec sleep 60; fi
-trap 'echo TERM >"$out.signal"; kill "$sleeper"; exit 143' TERM
+if [[ -n ${FAKE_TOOL_IGNORE_TERM:-} ]]; then exec sleep 60; fi
 sleep 60 &
 sleeper=$!
 wait "$sleeper"
@@ -419,6 +444,7 @@ def test_entrypoint_drops_privileges(sandbox, stop_signal):
     entrypoint = Entrypoint(env)
     try:
         entrypoint.wait_for_stdout("fake tool stdout", STARTUP_TIMEOUT_S)
+        wait_for_job_pid_file(sandbox, entrypoint)
         stop_started = time.monotonic()
         entrypoint.process.send_signal(stop_signal)
         exit_status = entrypoint.wait(STOP_TIMEOUT_S)
@@ -453,14 +479,18 @@ def test_entrypoint_kills_stuck_job(sandbox):
     entrypoint = Entrypoint(env)
     try:
         entrypoint.wait_for_stdout("fake tool stdout", STARTUP_TIMEOUT_S)
+        wait_for_job_pid_file(sandbox, entrypoint)
         tool_pid = int((sandbox / "audit logs" / "fake-tool.pid").read_text())
         entrypoint.process.send_signal(signal.SIGTERM)
         exit_status = entrypoint.wait(STOP_TIMEOUT_S)
+        # Checked before kill_all, whose SIGKILL to the process group would
+        # also end a job that entrypoint.sh left running.
+        tool_survived = process_running(tool_pid)
     finally:
         entrypoint.kill_all()
     assert exit_status == 0
     assert "killing processes still running after 1s" in entrypoint.stdout
-    assert not process_running(tool_pid)
+    assert not tool_survived
 
 
 @requires_root

@@ -21,7 +21,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicom_studies import write_study
-from faultproxy import FaultProxy, unused_port
+from faultproxy import FaultProxy, closed_port
 from guarantees import (
     CSV_COLUMNS,
     FAST_FAILURE_ENV,
@@ -284,14 +284,14 @@ def test_non_ascii_credentials_work(
 
 def test_proxy_variables_are_ignored(main, backup, run_rotate, tmp_path):
     study = upload_study(main, tmp_path / "study", instances=3)
-    nowhere = f"http://127.0.0.1:{unused_port()}"
-    env = {
-        name: nowhere
-        for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy")
-    }
-    env.update({"NO_PROXY": None, "no_proxy": None})
-
-    result = run_rotate("--transfer", "instances", env=env)
+    with closed_port() as port:
+        nowhere = f"http://127.0.0.1:{port}"
+        env = {
+            name: nowhere
+            for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy")
+        }
+        env.update({"NO_PROXY": None, "no_proxy": None})
+        result = run_rotate("--transfer", "instances", env=env)
 
     assert result.returncode == 0, result.stderr
     assert_migrated(main, backup, study)
