@@ -149,7 +149,7 @@ prepare_directories() {
     fi
     mkdir -p -- "$RUN_DIR"
     chmod 0700 "$RUN_DIR"
-    rm -f -- "$RUN_DIR"/job.*.pid
+    rm -f -- "$RUN_DIR"/job.*.pid "$RUN_DIR"/job.*.pid.tmp "$RUN_DIR/stopping"
 }
 
 # Write every exported variable to ENV_FILE as "export NAME=VALUE" lines,
@@ -258,6 +258,8 @@ stop_all() {
     trap '' TERM INT
     log "received SIG$signal: stopping cron and any running job"
     if [[ -n $CRON_PID ]]; then signalled+=("$CRON_PID"); fi
+    # A job that registers after this marker exists finds it and starts nothing.
+    : >"$RUN_DIR/stopping"
     for file in "$RUN_DIR"/job.*.pid; do
         [[ -e $file ]] || continue
         wrapper_pid="" tool_pid=""

@@ -94,10 +94,39 @@ wait_for_child() {
     done
 }
 
+# Write this job's pid file in RUN_DIR, then return 1 if the container is
+# stopping. entrypoint.sh creates RUN_DIR/stopping before it reads the pid
+# files, so a stopping container either signals this job or this job finds the
+# marker and exits without starting the tool.
+register_job() {
+    local run_dir=${RUN_DIR:-/run/pacs-rotate}
+    [[ -d $run_dir ]] || return 0
+    PID_FILE=$run_dir/job.$$.pid
+    trap 'rm -f -- "$PID_FILE"' EXIT
+    write_pid_file "$$"
+    [[ ! -e $run_dir/stopping ]]
+}
+
+# Replace PID_FILE's content with the pids $@, one per line, in one rename,
+# so that entrypoint.sh never reads half a file.
+write_pid_file() {
+    [[ -n $PID_FILE ]] || return 0
+    printf '%s\n' "$@" >"$PID_FILE.tmp"
+    mv -f -- "$PID_FILE.tmp" "$PID_FILE"
+}
+
 # Run the tool as JOB_USER, forward SIGTERM and SIGINT to it, record the
 # outcome, and exit with the tool's status.
 run_rotation() {
-    local started finished status=0 tool_pid
+    local started finished status=0 tool_pid stop_signal=""
+    # Until the tool runs, a stop signal is only remembered.
+    trap 'stop_signal=TERM' TERM
+    trap 'stop_signal=INT' INT
+    register_job || stop_signal=${stop_signal:-TERM}
+    if [[ -n $stop_signal ]]; then
+        log "the container is stopping (SIG$stop_signal); rotate_studies.py was not started"
+        exit $((128 + $(kill -l "$stop_signal")))
+    fi
     started=$(date +%s)
     log "starting rotate_studies.py as $JOB_USER (audit log: ${ROTATE_LOG_CSV:-default})"
     exec_as_job_user "$JOB_PYTHON" "$APP_DIR/rotate_studies.py" "$@" &
@@ -106,10 +135,9 @@ run_rotation() {
     trap 'kill -INT "$tool_pid" 2>/dev/null || true' INT
     # entrypoint.sh sends SIGTERM to the first pid on container stop and
     # kills both when they outlive JOB_STOP_TIMEOUT.
-    PID_FILE=${RUN_DIR:-/run/pacs-rotate}/job.$$.pid
-    if [[ -d ${PID_FILE%/*} ]]; then
-        trap 'rm -f -- "$PID_FILE"' EXIT
-        printf '%s\n' "$$" "$tool_pid" >"$PID_FILE"
+    write_pid_file "$$" "$tool_pid"
+    if [[ -n $stop_signal ]]; then
+        kill -"$stop_signal" "$tool_pid" 2>/dev/null || true
     fi
     wait_for_child "$tool_pid" || status=$?
     finished=$(date +%s)

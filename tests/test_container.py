@@ -242,8 +242,8 @@ def wait_for_file(path: Path, timeout: float, entrypoint: Entrypoint) -> None:
 def wait_for_job_pid_file(sandbox: Path, entrypoint: Entrypoint) -> None:
     """Wait until run_rotation.sh wrote RUN_DIR/job.<pid>.pid.
 
-    run_rotation.sh writes it after starting the tool, so the tool can print
-    before it exists, and entrypoint.sh stops only the jobs listed there.
+    entrypoint.sh stops only the jobs listed there, and a job started after
+    the stop begins starts nothing.
     """
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while not list((sandbox / "run").glob("job.*.pid")):
@@ -461,6 +461,7 @@ def test_entrypoint_drops_privileges(sandbox, stop_signal):
     assert f"received {stop_signal.name}" in entrypoint.stdout
     assert not (sandbox / "cron.d" / "pacs-rotate").exists()
     assert list((sandbox / "run").glob("job.*.pid")) == []
+    assert (sandbox / "run" / "stopping").exists()
 
 
 @requires_root
@@ -568,6 +569,36 @@ def test_run_rotation_lock_held(sandbox):
     assert not (logs / "log_migracion.csv").exists()
     assert health.returncode == 1
     assert "exited with status 3" in health.stdout
+
+
+def test_run_rotation_stopping_starts_nothing(sandbox):
+    """A job that cron starts while the container stops never runs the tool."""
+    logs = sandbox / "audit logs"
+    values = base_env(
+        sandbox,
+        ORTHANC_MAIN_URL="http://127.0.0.1:9",
+        ORTHANC_BACKUP_URL="http://127.0.0.1:9",
+        JOB_USER="root",
+        JOB_PYTHON=write_fake_tool(sandbox),
+    )
+    env_file = write_env_file(sandbox / "run" / "job.env", values)
+    # entrypoint.sh creates this marker before it signals the running jobs.
+    (sandbox / "run" / "stopping").touch()
+
+    result = subprocess.run(
+        ["bash", str(RUN_ROTATION), "--env-file", str(env_file), "--no-redirect"],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        timeout=60,
+    )
+
+    assert result.returncode == 143, result.stderr
+    assert "rotate_studies.py was not started" in result.stdout
+    assert not (logs / "fake-tool.pid").exists()
+    assert not (logs / "last_run.status").exists()
+    assert list((sandbox / "run").glob("job.*")) == [sandbox / "run" / "job.env"]
 
 
 def test_run_rotation_missing_env_file(sandbox):
