@@ -110,6 +110,7 @@ NETWORK_ERRORS = (
     urllib3.exceptions.HTTPError,
 )
 USER_AGENT = "pacs-rotate/1.0"
+JSON_TYPES = {dict: "object", list: "array", str: "string", bool: "boolean"}
 # Orthanc writes empty or placeholder dates for studies whose real date is
 # unknown; 19000101 is the usual placeholder, so only later dates count.
 EARLIEST_STUDY_DATE = dt.date(1900, 1, 2)
@@ -147,7 +148,7 @@ class OrthancUnreachable(OrthancError):
 
 
 class OrthancNotJSON(OrthancError):
-    """The server returned status 2xx with a body that is not JSON."""
+    """A 2xx response whose body is not JSON."""
 
     def __init__(self, server: str, method: str, url: str, content_type: str):
         super().__init__(
@@ -774,31 +775,40 @@ class OrthancClient:
             raise OrthancAuthError(self.name, method, url, detail, status)
         raise OrthancError(self.name, method, url, detail, status)
 
-    def request_json(self, method: str, path: str, **kwargs):
-        """Send one request and return its JSON body, or raise OrthancNotJSON.
+    def request_json(self, method: str, path: str, expected: type, **kwargs):
+        """Send one request and return its JSON body, a dict or a list as expected.
 
         A URL that leads to a login page or another web application returns
-        HTML with status 200.
+        HTML with status 200 (OrthancNotJSON), or JSON of another shape.
         """
+        url = self.config.url + path
         response = self.request(method, path, **kwargs)
         try:
-            return response.json()
+            body = response.json()
         except ValueError:
             content_type = response.headers.get("Content-Type") or "no Content-Type"
-            raise OrthancNotJSON(
-                self.name, method, self.config.url + path, content_type
-            ) from None
+            raise OrthancNotJSON(self.name, method, url, content_type) from None
+        if not isinstance(body, expected):
+            raise OrthancError(
+                self.name, method, url,
+                f"the response is a JSON {JSON_TYPES.get(type(body), 'value')}, "
+                f"not the {JSON_TYPES[expected]} Orthanc returns; check that the "
+                "URL is the Orthanc REST API",
+            )  # fmt: skip
+        return body
 
-    def get_json(self, path: str, **params):
-        return self.request_json("GET", path, params=params or None)
+    def get_json(self, path: str, expected: type, **params):
+        return self.request_json("GET", path, expected, params=params or None)
 
     def system(self) -> dict:
         """Return GET /system; raise ConfigError if the URL is not an Orthanc server."""
         prefix = f"ORTHANC_{self.name.upper()}_URL={self.config.url}"
+        response = self.request("GET", "/system")
         try:
-            system = self.get_json("/system")
-        except OrthancNotJSON as error:
-            reason = f"returned {error.content_type}, not JSON"
+            system = response.json()
+        except ValueError:
+            content_type = response.headers.get("Content-Type") or "no Content-Type"
+            reason = f"returned {content_type}, not JSON"
         else:
             if isinstance(system, dict) and "ApiVersion" in system:
                 return system
@@ -814,7 +824,7 @@ class OrthancClient:
         "Last" is the sequence number of the newest change ever recorded, which
         stays after the log is cleared with DELETE /changes; 0 means none.
         """
-        answer = self.get_json("/changes", last="")
+        answer = self.get_json("/changes", dict, last="")
         changes = answer.get("Changes") or []
         if not answer.get("Last"):
             return {}
@@ -823,28 +833,30 @@ class OrthancClient:
     def stored_file_id(self, instance_id: str) -> str | None:
         """Return the FileUuid of an instance's DICOM file, or None if absent."""
         try:
-            return self.get_json(f"/instances/{instance_id}").get("FileUuid")
+            return self.get_json(f"/instances/{instance_id}", dict).get("FileUuid")
         except OrthancError as error:
             if error.status == 404:
                 return None
             raise
 
     def first_instance(self) -> str | None:
-        found = self.get_json("/instances", since=0, limit=1)
+        found = self.get_json("/instances", list, since=0, limit=1)
         return found[0] if found else None
 
     def studies_page(self, since: int, limit: int) -> list[dict]:
-        return self.get_json("/studies", expand="", since=since, limit=limit)
+        return self.get_json("/studies", list, expand="", since=since, limit=limit)
 
     def study_instances(self, study_id: str) -> list[dict]:
-        return self.get_json(f"/studies/{study_id}/instances")
+        return self.get_json(f"/studies/{study_id}/instances", list)
 
     def study(self, study_id: str) -> dict:
-        return self.get_json(f"/studies/{study_id}")
+        return self.get_json(f"/studies/{study_id}", dict)
 
     def lookup_studies(self, study_instance_uid: str) -> list[str]:
         """Return the Orthanc IDs of every study with this StudyInstanceUID."""
-        found = self.request_json("POST", "/tools/lookup", data=study_instance_uid)
+        found = self.request_json(
+            "POST", "/tools/lookup", list, data=study_instance_uid
+        )
         return [item["ID"] for item in found if item.get("Type") == "Study"]
 
     def instance_md5(self, instance_id: str) -> str:

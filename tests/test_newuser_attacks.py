@@ -134,11 +134,20 @@ def test_lookup_login_page_row_failed(
     assert "/tools/lookup failed: the response is not JSON" in row["message"]
 
 
-def test_run_login_page_listing(main, backup, main_proxy, tmp_path, run_rotate):
+@pytest.mark.parametrize(
+    ("body", "content_type", "reason"),
+    [
+        (LOGIN_PAGE, HTML, "the response is not JSON (text/html"),
+        (b"{}", "application/json", "the response is a JSON object, not the array"),
+    ],
+)
+def test_run_bad_study_listing(
+    main, backup, main_proxy, tmp_path, run_rotate, body, content_type, reason
+):
     study = write_study(tmp_path / "dicom", study_date=OLD_DATE)
     main.upload_stable(study.paths)
     main_proxy.add_rule(
-        "GET", r"^/studies\?", status=200, body=LOGIN_PAGE, content_type=HTML
+        "GET", r"^/studies\?", status=200, body=body, content_type=content_type
     )
 
     result = run_rotate(env={"ORTHANC_MAIN_URL": main_proxy.url})
@@ -146,3 +155,4 @@ def test_run_login_page_listing(main, backup, main_proxy, tmp_path, run_rotate):
     assert instance_ids(main) == set(main.instance_ids(study.study_instance_uid))
     assert "Traceback" not in result.stderr
     assert result.returncode == 1, result.stderr
+    assert reason in result.stderr
