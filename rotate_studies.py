@@ -873,7 +873,6 @@ class OrthancClient:
                 self.name, "GET", self.config.url + path,
                 "no MD5 stored with this file (StoreMD5ForAttachments was false "
                 "when it was stored); use --verify sop",
-                404,
             ) from None  # fmt: skip
 
     def open_stream(self, method: str, path: str, **kwargs) -> requests.Response:

@@ -383,10 +383,12 @@ def test_md5_verify_rejects_altered_copy(
     assert statuses == ["incomplete"]
 
 
-def test_md5_verify_backup_without_md5(
-    main, backup, run_rotate, tmp_path, read_log, log_csv
+@pytest.mark.parametrize("server_name", ["Main", "Backup"])
+def test_md5_verify_server_without_md5(
+    main, backup, run_rotate, tmp_path, read_log, log_csv, server_name
 ):
-    backup.restart(config={"StoreMD5ForAttachments": False})
+    server = main if server_name == "Main" else backup
+    server.restart(config={"StoreMD5ForAttachments": False})
     study = upload_study(main, tmp_path / "study")
 
     result = run_rotate("--verify", "md5")
@@ -395,6 +397,7 @@ def test_md5_verify_backup_without_md5(
     assert_main_untouched(main, study)
     row = rows_for(read_log(log_csv), study)[-1]
     assert row["status"] == "failed"
+    assert row["message"].startswith(f"{server_name}: GET ")
     assert "no MD5 stored with this file" in row["message"]
     assert "use --verify sop" in row["message"]
 
