@@ -776,7 +776,7 @@ class OrthancClient:
         raise OrthancError(self.name, method, url, detail, status)
 
     def request_json(self, method: str, path: str, expected: type, **kwargs):
-        """Send one request and return its JSON body, a dict or a list as expected.
+        """Send one request and return its JSON body, an instance of `expected`.
 
         A URL that leads to a login page or another web application returns
         HTML with status 200 (OrthancNotJSON), or JSON of another shape.
@@ -803,12 +803,11 @@ class OrthancClient:
     def system(self) -> dict:
         """Return GET /system; raise ConfigError if the URL is not an Orthanc server."""
         prefix = f"ORTHANC_{self.name.upper()}_URL={self.config.url}"
-        response = self.request("GET", "/system")
         try:
-            system = response.json()
-        except ValueError:
-            content_type = response.headers.get("Content-Type") or "no Content-Type"
-            reason = f"returned {content_type}, not JSON"
+            # Any JSON type, so that a wrong one gets the message below.
+            system = self.get_json("/system", object)
+        except OrthancNotJSON as error:
+            reason = f"returned {error.content_type}, not JSON"
         else:
             if isinstance(system, dict) and "ApiVersion" in system:
                 return system
