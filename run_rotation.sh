@@ -102,7 +102,7 @@ register_job() {
     local run_dir=${RUN_DIR:-/run/pacs-rotate}
     [[ -d $run_dir ]] || return 0
     PID_FILE=$run_dir/job.$$.pid
-    trap 'rm -f -- "$PID_FILE"' EXIT
+    trap 'rm -f -- "$PID_FILE" "$PID_FILE.tmp"' EXIT
     write_pid_file "$$"
     [[ ! -e $run_dir/stopping ]]
 }
