@@ -56,10 +56,10 @@ class Rule:
     Byte limits count bytes after the message head as sent on the wire, so for a
     chunked body they include the chunk framing.
     `response_delay` holds the response for that many seconds after its head
-    arrived from upstream. Orthanc 1.10.1 sends the head of a POST /instances or
-    /tools/bulk-delete response only after it finished the request, so once
-    `upstream_responded` counts such a request, the server is done with it
-    while the client still waits.
+    arrived from upstream. Orthanc 1.10.1 builds a POST /instances or
+    /tools/bulk-delete response after the work is done (observed here: every
+    instance stored or deleted by then), so once `upstream_responded` counts
+    such a request, the server is done with it while the client still waits.
     """
 
     method: str | None = None

@@ -534,6 +534,18 @@ def write_env_file(path: Path, values: dict) -> Path:
     return path
 
 
+def run_job_script(*args) -> subprocess.CompletedProcess:
+    """Run run_rotation.sh with `args` and PATH as its only variable, as cron does."""
+    return subprocess.run(
+        ["bash", str(RUN_ROTATION), *map(str, args)],
+        check=False,
+        capture_output=True,
+        text=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        timeout=60,
+    )
+
+
 def test_run_rotation_lock_held(sandbox):
     """A held lock ends the run with status 3, recorded for the health check."""
     logs = sandbox / "audit logs"
@@ -551,14 +563,7 @@ def test_run_rotation_lock_held(sandbox):
 
     with open(logs / "rotate.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        result = subprocess.run(
-            ["bash", str(RUN_ROTATION), "--env-file", str(env_file)],
-            check=False,
-            capture_output=True,
-            text=True,
-            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-            timeout=60,
-        )
+        result = run_job_script("--env-file", env_file)
     health = healthcheck(values)
 
     assert result.returncode == 3
@@ -585,14 +590,7 @@ def test_run_rotation_stopping_starts_nothing(sandbox):
     # entrypoint.sh creates this marker before it signals the running jobs.
     (sandbox / "run" / "stopping").touch()
 
-    result = subprocess.run(
-        ["bash", str(RUN_ROTATION), "--env-file", str(env_file), "--no-redirect"],
-        check=False,
-        capture_output=True,
-        text=True,
-        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
-        timeout=60,
-    )
+    result = run_job_script("--env-file", env_file, "--no-redirect")
 
     assert result.returncode == 143, result.stderr
     assert "rotate_studies.py was not started" in result.stdout
@@ -602,13 +600,7 @@ def test_run_rotation_stopping_starts_nothing(sandbox):
 
 
 def test_run_rotation_missing_env_file(sandbox):
-    result = subprocess.run(
-        ["bash", str(RUN_ROTATION), "--env-file", str(sandbox / "absent.env")],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
+    result = run_job_script("--env-file", sandbox / "absent.env")
     assert result.returncode == 2
     assert "environment file" in result.stderr
     assert "absent.env not found" in result.stderr
